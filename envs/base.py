@@ -1,0 +1,93 @@
+"""The text-environment protocol every environment (real or dreamed) speaks.
+
+An environment is anything with
+    reset(task)  -> (state, info)
+    step(action) -> (state, reward, done, info)
+where `state` is the *abstract* textual state (the paper's "abstract textual state space": a compact
+listing of what the task needs, not raw pages) and `info` carries at least
+    "admissible": list[str]   actions valid in this state (also listed inside the state text)
+    "instruction": str        the task instruction
+    "success": bool           the task was completed at this step
+    "invalid": bool           the action was not admissible
+Rewards follow the paper (outcome-based, as in verl-agent/GiGPO): 1 only at the final step of a
+completed task, 0 otherwise; an invalid action ends the episode as a failure (or, with
+`invalid_action="step"`, costs a step and changes nothing).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class Task:
+    """One task: which environment, which game instance, and its instruction.
+
+    Real tasks are identified by (env, fold, seed). Tasks written by the curriculum task generator
+    carry their own `init_state` (and `parent`, the seed task they vary); they only run in the dream.
+    """
+    env: str                      # environment spec, e.g. "twc" or "twc:numItemsToPutAway=2"
+    fold: str = "train"           # train | dev | test
+    seed: int = 0
+    instruction: str = ""
+    init_state: str | None = None  # set for generated (synthetic) tasks only
+    parent: str | None = None      # id of the seed task a generated task varies
+
+    @property
+    def id(self) -> str:
+        if self.parent is not None:
+            return f"gen:{self.parent}:{self.seed}"
+        return f"{self.env}/{self.fold}/{self.seed}"
+
+    @property
+    def synthetic(self) -> bool:
+        return self.init_state is not None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Task":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+class TextEnv(Protocol):
+    def reset(self, task: Task) -> tuple[str, dict]: ...
+    def step(self, action: str) -> tuple[str, float, bool, dict]: ...
+
+
+@dataclass
+class StepResult:
+    state: str
+    reward: float
+    done: bool
+    info: dict = field(default_factory=dict)
+
+
+class BatchEnv:
+    """Steps many episodes of one environment kind in lock-step; finished episodes are skipped.
+
+    `make_env` builds one episode's environment; real adapters may share heavy backends (a JVM,
+    a browser) between instances, so creating many is cheap.
+    """
+
+    def __init__(self, make_env, n: int):
+        self.envs = [make_env() for _ in range(n)]
+        self.done = [True] * n
+
+    def reset(self, tasks: list[Task]) -> list[tuple[str, dict]]:
+        assert len(tasks) == len(self.envs), "one task per environment"
+        self.done = [False] * len(tasks)
+        return [env.reset(t) for env, t in zip(self.envs, tasks)]
+
+    def step(self, actions: dict[int, str]) -> dict[int, StepResult]:
+        """actions: {episode index: action} for live episodes only."""
+        out = {}
+        for i, a in actions.items():
+            if self.done[i]:
+                raise ValueError(f"episode {i} is already done")
+            s, r, d, info = self.envs[i].step(a)
+            self.done[i] = d
+            out[i] = StepResult(s, r, d, info)
+        return out

@@ -1,0 +1,317 @@
+"""TextWorldExpress, the built-in real environment (games twc, cookingworld, coin, ...).
+
+TextWorldExpress (Jansen & Cote 2022) simulates text games in a JVM at thousands of steps per second
+and ships disjoint train/dev/test folds (seeds 0-999 / 10000-10999 / 20000-20999, different objects),
+admissible actions and gold action sequences. This adapter adds what DreamGym needs:
+
+* an *abstract state*: the room description is parsed into one compact line per aspect (feedback,
+  room, things seen with their container state, exits, inventory, admissible actions), dropping the
+  boilerplate prose ("In one part of the room you see ..."). Agent and experience model both read
+  this text, and it is ~4x shorter than the raw observation, which is what keeps CPU runs fast.
+* the paper's reward: 1 at the step that completes the task, 0 otherwise; invalid actions fail.
+* cheap episodes: every episode shares one JVM per process. TextWorldExpress is deterministic given
+  (game, params, fold, seed, actions) -- its own `serialize` is exactly that list -- so an episode
+  whose game is not the one loaded in the JVM is restored by replaying its actions (~0.2 ms/step).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+from .base import Task
+
+# Presets: small instances so CPU runs are quick; any parameter can be overridden in the spec string,
+# e.g. "twc:numItemsToPutAway=2,numLocations=2,max_steps=20".
+GAMES = {
+    "twc": dict(params=dict(numLocations=1, numItemsToPutAway=1, includeDoors=0, limitInventorySize=0),
+                max_steps=10),
+    "cookingworld": dict(params=dict(numLocations=1, numIngredients=1, numDistractorItems=0, includeDoors=0,
+                                     limitInventorySize=0), max_steps=15),
+    "coin": dict(params=dict(numLocations=3, numDistractorItems=0, includeDoors=0, limitInventorySize=0),
+                 max_steps=10),
+}
+FOLD_SEEDS = {"train": range(0, 1000), "dev": range(10000, 11000), "test": range(20000, 21000)}
+# Actions whose result the abstract state already shows; removing them shortens every prompt.
+DROPPED_ACTIONS = ("look around", "inventory")
+DROPPED_PREFIXES = ("examine ",)
+
+
+@dataclass(frozen=True)
+class GameSpec:
+    game: str
+    params: tuple            # ((name, value), ...) passed to TextWorldExpress
+    max_steps: int
+
+    @property
+    def param_string(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.params)
+
+
+def parse_spec(spec: str) -> GameSpec:
+    """'twc' or 'twc:numItemsToPutAway=2,max_steps=20' -> GameSpec; unknown names fail loudly."""
+    game, _, rest = spec.partition(":")
+    if game not in GAMES:
+        raise ValueError(f"unknown TextWorldExpress game {game!r}; supported: {sorted(GAMES)}")
+    params = dict(GAMES[game]["params"])
+    max_steps = GAMES[game]["max_steps"]
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        name, eq, value = item.partition("=")
+        if not eq or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"bad game parameter {item!r} in {spec!r}: expected name=integer")
+        if name == "max_steps":
+            max_steps = int(value)
+        elif name in params:
+            params[name] = int(value)
+        else:
+            raise ValueError(f"unknown parameter {name!r} for game {game!r}; known: "
+                             f"{sorted(params) + ['max_steps']}")
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1 in {spec!r}")
+    return GameSpec(game, tuple(sorted(params.items())), max_steps)
+
+
+# ----------------------------------------------------------------------------- abstract state
+_ARTICLE = re.compile(r"^(a|an|the|some)\s+", re.I)
+_PREFIXES = ("In one part of the room you see ", "In another part of the room you see ",
+             "There is also ", "You also see ")
+
+
+def _strip_article(s: str) -> str:
+    return _ARTICLE.sub("", s.strip())
+
+
+def _split_list(s: str) -> list[str]:
+    """'a knife, some salt, and a cookbook' -> ['knife', 'salt', 'cookbook']."""
+    parts = re.split(r",\s*(?:and\s+)?|\s+and\s+", s.strip())
+    return [_strip_article(p) for p in parts if p.strip()]
+
+
+def _describe(body: str) -> list[str]:
+    """One 'you see' clause -> compact thing descriptions."""
+    body = body.strip().rstrip(".")
+    m = re.match(r"(?:an? )?open (.+?), that contains (.+)$", body, re.I)
+    if m:
+        return [f"{_strip_article(m.group(1))} (open: {', '.join(_split_list(m.group(2)))})"]
+    m = re.match(r"(?:an? )?open (.+?), that is empty$", body, re.I)
+    if m:
+        return [f"{_strip_article(m.group(1))} (open)"]
+    m = re.match(r"(.+?),? that has nothing on it$", body)
+    if m:
+        return [_strip_article(m.group(1))]
+    m = re.match(r"(.+?) that has (.+) on it$", body)
+    if m:
+        return [f"{_strip_article(m.group(1))} (on: {', '.join(_split_list(m.group(2)))})"]
+    m = re.match(r"(.+?) that is (closed|open)$", body)
+    if m:
+        return [f"{_strip_article(m.group(1))} ({m.group(2)})"]
+    m = re.match(r"(.+?), that is empty$", body)
+    if m:
+        return [_strip_article(m.group(1))]
+    return _split_list(body)
+
+
+def _exit(sentence: str) -> str | None:
+    m = re.match(r"(?:Through an? (open .+?), to|To) the (\w+) you see (.+)$", sentence.strip().rstrip("."))
+    if not m:
+        return None
+    via, direction, what = m.groups()
+    what = _strip_article(what)
+    return f"{direction.lower()} {what}" + (f" (through {via})" if via else "")
+
+
+def parse_look(look: str) -> tuple[str, list[str], list[str]]:
+    """TextWorldExpress room description -> (room, things, exits)."""
+    room, things, exits = "", [], []
+    for sentence in re.split(r"(?<=\.)\s+|\n", look):
+        sentence = sentence.strip()
+        if not sentence:
+            continue
+        if sentence.startswith("You are in the "):
+            room = sentence[len("You are in the "):].rstrip(".")
+            continue
+        ex = _exit(sentence)
+        if ex is not None:
+            exits.append(ex)
+            continue
+        for p in _PREFIXES:
+            if sentence.startswith(p):
+                sentence = sentence[len(p):]
+                break
+        things.extend(_describe(sentence))
+    return room, things, exits
+
+
+def parse_inventory(inv: str) -> list[str]:
+    lines = [ln.strip() for ln in inv.splitlines()[1:] if ln.strip()]
+    return [] if not lines or "currently empty" in lines[0] else [_strip_article(ln) for ln in lines]
+
+
+def admissible(valid_actions: list[str]) -> list[str]:
+    keep = [a for a in valid_actions if a not in DROPPED_ACTIONS and not a.startswith(DROPPED_PREFIXES)]
+    return sorted(set(keep))
+
+
+def feedback_of(observation: str) -> str:
+    """The part of an observation that is news: for moves and looks that is only the room name."""
+    obs = " ".join(observation.split())
+    if obs.startswith("You are in the "):
+        return obs.split(". ")[0].rstrip(".") + "."
+    return obs
+
+
+def render_state(feedback: str, room: str, things: list[str], exits: list[str], inventory: list[str],
+                 actions: list[str]) -> str:
+    """The abstract state: one line per aspect. Shared format for real and dreamed states."""
+    return "\n".join([
+        f"feedback: {feedback or '-'}",
+        f"room: {room or '-'}",
+        f"you see: {'; '.join(things) if things else 'nothing'}",
+        f"exits: {'; '.join(exits) if exits else 'none'}",
+        f"inventory: {'; '.join(inventory) if inventory else 'nothing'}",
+        f"actions: {' | '.join(actions) if actions else 'none'}",
+    ])
+
+
+def parse_state_actions(state: str) -> list[str] | None:
+    """Admissible actions listed in an abstract state (real or dreamed); None if no such line."""
+    for line in state.splitlines():
+        if line.startswith("actions:"):
+            body = line[len("actions:"):].strip()
+            return [] if body == "none" else [a.strip() for a in body.split("|") if a.strip()]
+    return None
+
+
+def abstract_state(observation: str, info: dict) -> str:
+    room, things, exits = parse_look(info["look"])
+    return render_state(feedback_of(observation), room, things, exits, parse_inventory(info["inventory"]),
+                        admissible(info["validActions"]))
+
+
+# ----------------------------------------------------------------------------- the JVM backend
+class _Backend:
+    """One TextWorldExpress JVM shared by all episodes of this process (see module docstring)."""
+    _instance = None
+
+    def __init__(self):
+        from textworld_express import TextWorldExpressEnv
+        self.env = TextWorldExpressEnv(envStepLimit=10_000)  # our own step limit applies
+        self.loaded = None        # (game, params) loaded in the JVM
+        self.key = None           # (game, params, fold, seed, n_actions, id(owner)) it currently holds
+
+    @classmethod
+    def get(cls) -> "_Backend":
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def _call(self, response: str) -> dict:
+        return json.loads(response)
+
+    def new_game(self, spec: GameSpec, fold: str, seed: int, gold: bool = False) -> dict:
+        if self.loaded != (spec.game, spec.params):
+            self.env.load(gameName=spec.game, gameParams=spec.param_string)
+            self.loaded = (spec.game, spec.params)
+        return self._call(self.env.server.generateNewGameJSON(seed, fold, gold))
+
+    def step(self, action: str) -> dict:
+        return self._call(self.env.server.stepJSON(action))
+
+    def task_description(self) -> str:
+        return " ".join(str(self.env.server.getTaskDescription()).split())
+
+    def gold(self) -> list[str]:
+        return list(self.env.server.getGoldActionSequence())
+
+
+def _check_task(spec: GameSpec, task: Task):
+    if task.fold not in FOLD_SEEDS:
+        raise ValueError(f"unknown fold {task.fold!r}; use train, dev or test")
+    if task.seed not in FOLD_SEEDS[task.fold]:
+        r = FOLD_SEEDS[task.fold]
+        raise ValueError(f"seed {task.seed} is not in the {task.fold} fold ({r.start}-{r.stop - 1})")
+    if task.synthetic:
+        raise ValueError(f"task {task.id} is a generated task: it can only run in the dream")
+
+
+class TextWorldEnv:
+    """One episode of a TextWorldExpress game behind the TextEnv protocol.
+
+    invalid_action: "fail" (paper: the episode ends as a failure, reward 0) or "step" (the action is
+    rejected, costs a step and changes nothing).
+    """
+
+    def __init__(self, spec: str, invalid_action: str = "fail"):
+        if invalid_action not in ("fail", "step"):
+            raise ValueError("invalid_action must be 'fail' or 'step'")
+        self.spec = parse_spec(spec)
+        self.spec_str = spec
+        self.invalid_action = invalid_action
+        self.backend = _Backend.get()
+        self.task = None
+
+    # --- bookkeeping so several episodes can share the JVM
+    def _key(self):
+        return (self.spec, self.task.fold, self.task.seed, len(self.actions), id(self))
+
+    def _restore(self):
+        if self.backend.key == self._key():
+            return
+        self.backend.new_game(self.spec, self.task.fold, self.task.seed)
+        for a in self.actions:
+            self.backend.step(a)
+        self.backend.key = self._key()
+
+    def reset(self, task: Task) -> tuple[str, dict]:
+        _check_task(self.spec, task)
+        self.task, self.actions, self.steps, self.done = task, [], 0, False
+        info = self.backend.new_game(self.spec, task.fold, task.seed)
+        self.backend.key = self._key()
+        self.instruction = self.backend.task_description()
+        self.state = abstract_state(info["observation"], info)
+        self.admissible = admissible(info["validActions"])
+        return self.state, self._info(success=False, invalid=False, raw=info["observation"])
+
+    def _info(self, success, invalid, raw):
+        return {"admissible": self.admissible, "instruction": self.instruction, "success": success,
+                "invalid": invalid, "raw": raw, "steps": self.steps}
+
+    def step(self, action: str | None) -> tuple[str, float, bool, dict]:
+        """action None means the agent's turn could not be parsed; it counts as invalid."""
+        if self.task is None or self.done:
+            raise RuntimeError("step() on an episode that is not running; call reset(task) first")
+        self.steps += 1
+        if action is None or action not in self.admissible:
+            return self._invalid(action)
+        self._restore()
+        info = self.backend.step(action)
+        self.actions.append(action)
+        self.backend.key = self._key()
+        success = bool(info["tasksuccess"]) or info["score"] >= 1.0
+        self.done = success or bool(info["taskfailure"]) or self.steps >= self.spec.max_steps
+        self.state = abstract_state(info["observation"], info)
+        self.admissible = admissible(info["validActions"])
+        return self.state, float(success), self.done, self._info(success, False, info["observation"])
+
+    def _invalid(self, action):
+        shown = action if action is not None else "(unparseable)"
+        if self.invalid_action == "fail":
+            self.done = True
+        else:
+            self.done = self.steps >= self.spec.max_steps
+        self.state = replace_feedback(self.state, f"Invalid action: {shown}.")
+        return self.state, 0.0, self.done, self._info(False, True, "")
+
+    def gold_actions(self) -> list[str]:
+        """The game's gold action sequence for the current task (from a fresh copy of the game)."""
+        self.backend.new_game(self.spec, self.task.fold, self.task.seed, gold=True)
+        gold = self.backend.gold()
+        self.backend.key = None
+        return gold
+
+
+def replace_feedback(state: str, feedback: str) -> str:
+    lines = state.splitlines()
+    if lines and lines[0].startswith("feedback:"):
+        lines[0] = f"feedback: {feedback}"
+    return "\n".join(lines)
