@@ -24,14 +24,15 @@ from typing import Protocol
 class Task:
     """One task: which environment, which game instance, and its instruction.
 
-    Real tasks are identified by (env, fold, seed). Tasks written by the curriculum task generator
-    carry their own `init_state` (and `parent`, the seed task they vary); they only run in the dream.
+    Real tasks are identified by (env, fold, seed); in the dream they start from `init_state`, the
+    initial state recorded in the offline data. Tasks written by the curriculum task generator carry
+    a `parent` (the seed task they vary) and only ever run in the dream.
     """
     env: str                      # environment spec, e.g. "twc" or "twc:numItemsToPutAway=2"
     fold: str = "train"           # train | dev | test
     seed: int = 0
     instruction: str = ""
-    init_state: str | None = None  # set for generated (synthetic) tasks only
+    init_state: str | None = None  # the initial abstract state (for the dream)
     parent: str | None = None      # id of the seed task a generated task varies
 
     @property
@@ -42,7 +43,7 @@ class Task:
 
     @property
     def synthetic(self) -> bool:
-        return self.init_state is not None
+        return self.parent is not None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -225,13 +225,13 @@ class _Backend:
 
 
 def _check_task(spec: GameSpec, task: Task):
+    if task.synthetic:
+        raise ValueError(f"task {task.id} is a generated task: it can only run in the dream")
     if task.fold not in FOLD_SEEDS:
         raise ValueError(f"unknown fold {task.fold!r}; use train, dev or test")
     if task.seed not in FOLD_SEEDS[task.fold]:
         r = FOLD_SEEDS[task.fold]
         raise ValueError(f"seed {task.seed} is not in the {task.fold} fold ({r.start}-{r.stop - 1})")
-    if task.synthetic:
-        raise ValueError(f"task {task.id} is a generated task: it can only run in the dream")
 
 
 class TextWorldEnv:

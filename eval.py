@@ -1,0 +1,130 @@
+"""Evaluation: an agent's success in the real environment, and an experience model's fidelity.
+
+    python eval.py agent --ckpt runs/default/ckpt/agent --fold test --episodes 200
+    python eval.py fidelity --run runs/default --fold test      # reward/done/state accuracy of M_exp
+
+Agents are evaluated greedily (temperature 0) on the first `episodes` seeds of a held-out fold,
+batched, so the same checkpoint always gets the same number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from collections import Counter
+
+import numpy as np
+
+import dreamgym as dg
+from envs import FOLD_SEEDS, Task, parse_spec
+
+
+def eval_tasks(env: str, fold: str, n: int) -> list[Task]:
+    seeds = list(FOLD_SEEDS[fold])
+    if n > len(seeds):
+        raise ValueError(f"the {fold} fold has only {len(seeds)} tasks")
+    return [Task(env, fold, s) for s in seeds[:n]]
+
+
+def evaluate_agent(agent: dg.LocalLM, env: str, fold: str = "test", episodes: int = 100, history: int = 3,
+                   batch: int = 64) -> dict:
+    """Real-env success rate, mean reward, steps and format-error rate over a fold's first seeds."""
+    from engine import SamplingParams
+    params = SamplingParams(temperature=0.0, max_new_tokens=64, stop=(dg.AGENT_STOP,))
+    eps = []
+    tasks = eval_tasks(env, fold, episodes)
+    for i in range(0, len(tasks), batch):
+        chunk = tasks[i:i + batch]
+        eps += dg.run_episodes(agent, dg.make_real_env(env, len(chunk)), chunk, params, history)
+    turns = sum(len(e.turns) for e in eps)
+    return dict(success=float(np.mean([e.success for e in eps])), reward=float(np.mean([e.reward for e in eps])),
+                steps=float(np.mean([len(e.turns) for e in eps])),
+                format_error=sum(e.format_errors for e in eps) / max(1, turns),
+                invalid=sum(t.invalid for e in eps for t in e.transitions) / max(1, turns), episodes=len(eps))
+
+
+# ----------------------------------------------------------------------------- fidelity of M_exp
+def token_f1(pred: str, gold: str) -> float:
+    p, g = re.findall(r"\w+", pred.lower()), re.findall(r"\w+", gold.lower())
+    if not p or not g:
+        return float(p == g)
+    common = sum((Counter(p) & Counter(g)).values())
+    if common == 0:
+        return 0.0
+    prec, rec = common / len(p), common / len(g)
+    return 2 * prec * rec / (prec + rec)
+
+
+def fidelity(exp: dg.ExperienceModel, transitions: list[dg.Transition], batch: int = 64) -> dict:
+    """Compare M_exp's predictions with held-out real transitions: reward and done accuracy (and the
+    reward accuracy on the rare positive steps, which a constant-0 predictor gets all wrong),
+    invalid-action detection (predicts a failure: done with reward 0), next-state exact match and
+    token F1 (valid actions), and the parse-failure rate."""
+    preds = []
+    before = dict(exp.stats)
+    for i in range(0, len(transitions), batch):
+        chunk = transitions[i:i + batch]
+        preds += exp.step([dg.ExpQuery(t.task, t.history, t.state, t.action) for t in chunk])
+    valid = [(t, p) for t, p in zip(transitions, preds) if not t.invalid]
+    invalid = [(t, p) for t, p in zip(transitions, preds) if t.invalid]
+    pos = [(t, p) for t, p in valid if t.reward > 0]
+    return dict(
+        n=len(transitions),
+        reward_acc=float(np.mean([(p.reward > 0.5) == (t.reward > 0.5) for t, p in zip(transitions, preds)])),
+        reward_acc_pos=float(np.mean([p.reward > 0.5 for _, p in pos])) if pos else float("nan"),
+        done_acc=float(np.mean([p.done == t.done for t, p in zip(transitions, preds)])),
+        invalid_detect=float(np.mean([p.done and p.reward < 0.5 for _, p in invalid])) if invalid else float("nan"),
+        state_exact=float(np.mean([p.next_state.strip() == t.next_state.strip() for t, p in valid])) if valid else float("nan"),
+        state_f1=float(np.mean([token_f1(p.next_state, t.next_state) for t, p in valid])) if valid else float("nan"),
+        parse_fail=(exp.stats["malformed"] - before.get("malformed", 0)) / max(1, len(transitions)),
+        failed=(exp.stats["failed"] - before.get("failed", 0)) / max(1, len(transitions)),
+    )
+
+
+def heldout_transitions(env: str, fold: str, n_traj: int, seed: int = 123) -> list[dg.Transition]:
+    """Real transitions on a held-out fold, same policy mix as the offline data (cached in data/)."""
+    from envs.collect import collect, read_jsonl, write_jsonl
+    path = os.path.join("data", "offline", f"heldout-{env.replace(':', '_').replace(',', '_').replace('=', '')}"
+                                            f"-{fold}-{n_traj}-s{seed}.jsonl")
+    if not os.path.exists(path):
+        third = n_traj // 3
+        write_jsonl(path, collect(env, third, third, n_traj - 2 * third, fold, seed, progress=False))
+    return [t for tr in dg.trajectories(read_jsonl(path)) for t in tr]
+
+
+def format_table(rows: list[dict], cols: list[str]) -> str:
+    w = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
+    line = lambda vals: "| " + " | ".join(str(v).ljust(x) for v, x in zip(vals, w)) + " |"
+    return "\n".join([line(cols), "|" + "|".join("-" * (x + 2) for x in w) + "|"] +
+                     [line([r.get(c, "") for c in cols]) for r in rows])
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv=None):
+    import train
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("agent", help="real-env success of an agent checkpoint")
+    a.add_argument("--ckpt", required=True)
+    a.add_argument("--env", default="twc")
+    a.add_argument("--fold", default="test", choices=["dev", "test"])
+    a.add_argument("--episodes", type=int, default=100)
+    a.add_argument("--history", type=int, default=3)
+    f = sub.add_parser("fidelity", help="fidelity of a run's experience model on held-out transitions")
+    f.add_argument("--run", required=True, help="a run folder (its exp_model, buffer and config.json)")
+    f.add_argument("--fold", default="test", choices=["dev", "test"])
+    f.add_argument("--trajectories", type=int, default=150)
+    args = p.parse_args(argv)
+    dev = train.device_of(train.Config())
+    if args.cmd == "agent":
+        parse_spec(args.env)
+        agent = train.load_lm(train.Config(), args.ckpt, dev, trainable=False)
+        print(json.dumps(evaluate_agent(agent, args.env, args.fold, args.episodes, args.history), indent=1))
+    else:
+        cfg = train.Config(**json.load(open(os.path.join(args.run, "config.json"))))
+        print(json.dumps(train.fidelity_table(cfg, args.fold, args.trajectories), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,727 @@
+"""DreamGym end to end: offline data -> experience model -> agent warm start -> RL -> evaluation.
+
+    python train.py                          # the whole pipeline on the built-in env (CPU: ~20 min)
+    python train.py --mode real              # the baseline: the same RL in the real environment
+    python train.py --mode s2r               # sim-to-real: dream first, then a small real budget
+    python train.py --algo ppo               # PPO with a value head and GAE over turns
+    python train.py --iterations 60 --group_size 8 --lam_tasks 0.25 ...   # any Config field
+    python train.py --resume --out runs/x    # continue a killed run exactly
+
+Every hyperparameter is a field of `Config` below (cleanrl style) and can be overridden as
+`--name value`. Stages cache their outputs in the run folder, so a rerun skips finished stages.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import dreamgym as dg
+from envs import FOLD_SEEDS, Task, parse_spec
+from envs.collect import collect, print_summary, read_jsonl, write_jsonl
+from models import ModelSpec, create_tiny, load_model, save_model, train_tokenizer
+
+
+@dataclass
+class Config:
+    # --- run
+    out: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"              # auto | cpu | cuda
+    mode: str = "dream"               # dream (DreamGym) | real (baseline RL) | s2r (dream, then real)
+    algo: str = "grpo"                # grpo | ppo
+    resume: bool = False
+    # --- environment and offline data (the paper's "offline real-world data")
+    env: str = "twc"                  # TextWorldExpress spec, e.g. "twc:numItemsToPutAway=2"
+    offline_expert: int = 300         # trajectories per policy, train fold
+    offline_noisy: int = 300
+    offline_random: int = 200
+    offline_epsilon: float = 0.3
+    data_dir: str = "data"
+    # --- models (tiny presets on CPU; any HF name/path on GPU, 4-bit + LoRA there)
+    agent_model: str = "tiny"
+    exp_model: str = "tiny"
+    load_in_4bit: bool = False
+    lora_r: int = 0
+    exp_endpoint: str = ""            # OpenAI-compatible URL: serve M_exp elsewhere (vLLM/SGLang)
+    exp_endpoint_model: str = ""
+    exp_ckpt: str = ""                # reuse a trained experience model (folder) instead of training one
+    vocab_size: int = 2048
+    # --- experience model
+    k: int = 3                        # retrieved demonstrations
+    history: int = 3                  # (action, feedback) pairs kept in prompts
+    reasoning: bool = True            # ablation: --reasoning false
+    retrieval: bool = True            # ablation: --retrieval false
+    exp_epochs: float = 2.0
+    exp_lr: float = 2e-3
+    exp_temperature: float = 0.0
+    buffer_capacity: int = 50_000
+    # --- agent warm start (behaviour cloning on a share of offline successes)
+    warm_share: float = 0.25
+    warm_epochs: float = 3.0
+    warm_lr: float = 2e-3
+    # --- RL
+    iterations: int = 30
+    tasks_per_iter: int = 8
+    group_size: int = 8               # G rollouts per task (a GRPO group)
+    lr: float = 5e-4
+    temperature: float = 1.0          # agent sampling temperature in rollouts
+    clip_low: float = 0.2
+    clip_high: float = 0.28           # DAPO clip-higher
+    beta: float = 0.0                 # KL to the warm-start policy (k3); 0 = off, as TRL's default
+    minibatches: int = 2              # optimizer steps per iteration
+    update_epochs: int = 1
+    adv_scale: str = "group"          # GRPO: group | batch | none (TRL's scale_rewards)
+    gamma: float = 1.0                # PPO / GAE over turns
+    gae_lambda: float = 0.95
+    vf_coef: float = 0.5
+    max_grad_norm: float = 1.0
+    max_tokens: int = 8192            # tokens per micro-batch in updates and SFT
+    # --- curriculum task generation
+    taskgen: bool = True              # ablation: --taskgen false
+    lam_tasks: float = 0.25           # lambda: max share of generated tasks per iteration
+    taskgen_every: int = 5
+    taskgen_seeds: int = 4
+    taskgen_per_seed: int = 2
+    add_to_buffer: bool = True        # online synthetic transitions enrich the replay buffer
+    # --- sim-to-real
+    s2r_real_budget: int = 1000       # real transitions for the real phase of s2r
+    real_budget: int = 0              # cap on real transitions in --mode real (0: none)
+    # --- evaluation
+    eval_episodes: int = 100
+    eval_fold: str = "test"
+    curve_fold: str = "dev"           # learning curves use dev: never tune on test
+    eval_every: int = 5
+    curve_episodes: int = 50
+    ckpt_every: int = 1
+
+    def validate(self):
+        checks = [
+            (self.mode in ("dream", "real", "s2r"), "mode must be dream, real or s2r"),
+            (self.algo in ("grpo", "ppo"), "algo must be grpo or ppo"),
+            (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
+            (self.group_size >= 2 or self.algo == "ppo", "GRPO needs group_size >= 2"),
+            (0 <= self.lam_tasks <= 1, "lam_tasks must be in [0, 1]"),
+            (0 < self.warm_share <= 1, "warm_share must be in (0, 1]"),
+            (self.iterations >= 0 and self.tasks_per_iter >= 1, "iterations >= 0, tasks_per_iter >= 1"),
+            (self.adv_scale in ("group", "batch", "none"), "adv_scale must be group, batch or none"),
+            (self.eval_fold in FOLD_SEEDS and self.curve_fold in FOLD_SEEDS, "unknown eval fold"),
+            (self.eval_fold != "train" and self.curve_fold != "train", "evaluate on held-out folds only"),
+            (self.minibatches >= 1 and self.update_epochs >= 1, "minibatches, update_epochs >= 1"),
+            (self.k >= 0 and self.history >= 0, "k and history must be >= 0"),
+            (not (self.exp_endpoint and not self.exp_ckpt and not self.exp_endpoint_model),
+             "--exp_endpoint needs --exp_endpoint_model"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"config: {msg}")
+        parse_spec(self.env)        # raises on an unknown game or parameter
+        return self
+
+
+def parse_args(argv=None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        if f.type in ("bool", bool):
+            p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?",
+                           const=True, default=f.default)
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
+    return Config(**vars(p.parse_args(argv))).validate()
+
+
+# ============================================================================ helpers
+def device_of(cfg: Config) -> torch.device:
+    from models import default_device
+    return default_device() if cfg.device == "auto" else torch.device(cfg.device)
+
+
+def seed_all(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Log:
+    """Metrics as JSONL (one object per event) + a printed line; plots are drawn from the file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __call__(self, **row):
+        row = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        tqdm.write(" ".join(f"{k}={v}" for k, v in row.items()))
+
+    def rows(self) -> list[dict]:
+        return read_jsonl(self.path) if os.path.exists(self.path) else []
+
+    def truncate_after(self, iteration: int):
+        """On resume: forget rows logged by iterations that the checkpoint does not contain."""
+        keep = [r for r in self.rows() if r.get("iteration", -1) < iteration or r.get("stage") != "rl"]
+        write_jsonl(self.path, keep)
+
+
+# ============================================================================ stage 1: offline data
+def offline_data(cfg: Config) -> list[dict]:
+    path = offline_path(cfg)
+    if not os.path.exists(path):
+        rows = collect(cfg.env, cfg.offline_expert, cfg.offline_noisy, cfg.offline_random, "train", cfg.seed,
+                       cfg.offline_epsilon)
+        write_jsonl(path, rows)
+        print_summary(rows)
+    return read_jsonl(path)
+
+
+def seed_tasks(trajs: list[list[dg.Transition]]) -> list[Task]:
+    """Dream tasks: every offline trajectory's task, starting from the initial state the offline data
+    recorded (so starting a dreamed episode needs no new real interaction)."""
+    tasks = {}
+    for tr in trajs:
+        t = tr[0].task
+        tasks.setdefault(t.id, Task(env=t.env, fold=t.fold, seed=t.seed, instruction=t.instruction,
+                                    init_state=tr[0].state))
+    return sorted(tasks.values(), key=lambda t: t.id)
+
+
+# ============================================================================ SFT (experience model, warm start)
+def encode_examples(lm: dg.LocalLM, examples):
+    out = []
+    for system, user, target in examples:
+        prompt = lm.prefix(system)[1] + lm.user_ids(system, user)
+        out.append((prompt, lm.target_ids(target)))
+    return out
+
+
+def sft(lm: dg.LocalLM, examples, epochs: float, lr: float, max_tokens: int, seed: int, desc: str,
+        log: Log | None = None) -> float:
+    """Supervised fine-tuning on (system, prompt, target): loss on target tokens only (Eq. 5: the
+    prompt -- task, history, demos, state, action -- is never trained on). Returns the last loss."""
+    model, dev = lm.model, next(lm.model.parameters()).device
+    data = encode_examples(lm, examples)
+    rng = random.Random(seed)
+    batches = dg.token_batches(data, [len(p) + len(t) for p, t in data], max_tokens)
+    steps = max(1, int(math.ceil(epochs * len(batches))))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) *
+                                              0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    model.train()
+    order, ema = [], None
+    for step in (bar := tqdm(range(steps), desc=desc, dynamic_ncols=True)):
+        if not order:
+            order = list(range(len(batches)))
+            rng.shuffle(order)
+        b = batches[order.pop()]
+        batch = dg.pack([data[i] for i in b], lm.tokenizer.pad_token_id, dev)
+        logp, _, _ = dg.response_logprobs(model, batch)
+        loss = -logp.mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{ema:.3f}")
+        if log is not None and (step % 50 == 0 or step == steps - 1):
+            log(stage=desc, step=step, loss=ema)
+    model.eval()
+    return ema
+
+
+# ============================================================================ stage 2: models
+def tokenizer_corpus(trajs, tasks) -> list[str]:
+    """Texts rendered in exactly the formats the models read and write (train fold only)."""
+    texts = [dg.AGENT_SYSTEM, dg.EXP_SYSTEM, dg.TASK_SYSTEM, dg.TeacherAnnotator(None).prompt(trajs[0])]
+    for traj in trajs:
+        for t in traj:
+            texts.append(dg.agent_prompt(t.task.instruction, t.history, t.state) + dg.agent_target(t.reasoning, t.action))
+            texts.append(dg.exp_prompt(t.task.instruction, t.history, t.state, t.action, [t]) +
+                         dg.exp_target(t.reasoning, t.next_state, t.reward, t.done))
+    texts += [dg.task_prompt(t) + dg.task_target(t) for t in tasks[:200]]
+    return texts
+
+
+def init_model(cfg: Config, which: str, trajs, tasks, dev) -> dg.LocalLM:
+    """A fresh model for `which` (agent | exp): the tiny preset built from our corpus, or a real LM."""
+    name = cfg.agent_model if which == "agent" else cfg.exp_model
+    spec = ModelSpec(name=name, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r)
+    if name.startswith("tiny"):
+        tok_dir = os.path.join(cfg.out, "tokenizer")
+        if not os.path.exists(tok_dir):
+            train_tokenizer(tokenizer_corpus(trajs, tasks), tok_dir, cfg.vocab_size)
+        path = os.path.join(cfg.out, f"{which}_init")
+        if not os.path.exists(path):
+            create_tiny(path, tok_dir, preset=name, seed=cfg.seed + (0 if which == "agent" else 1))
+        name = path
+    model, tok = load_model(name, spec, dev)
+    return dg.LocalLM(model, tok)
+
+
+def load_lm(cfg: Config, path: str, dev, trainable: bool) -> dg.LocalLM:
+    spec = ModelSpec(load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r)
+    model, tok = load_model(path, spec, dev, trainable=trainable)
+    return dg.LocalLM(model, tok)
+
+
+# ============================================================================ stage 3: replay buffer
+def build_buffer(cfg: Config, trajs, encoder) -> dg.ReplayBuffer:
+    path = os.path.join(cfg.out, "buffer")
+    if os.path.exists(path + ".jsonl"):
+        return dg.ReplayBuffer.load(path, encoder, cfg.buffer_capacity)
+    buf = dg.ReplayBuffer(encoder, cfg.buffer_capacity)
+    flat = [t for tr in trajs for t in tr]
+    for i in tqdm(range(0, len(flat), 512), desc="embed offline transitions"):
+        buf.add(flat[i:i + 512])
+    buf.save(path)
+    buf.path = path
+    return buf
+
+
+# ============================================================================ stage 4: experience model
+def experience_model(cfg: Config, trajs, tasks, buffer, encoder, dev, log) -> dg.ExperienceModel:
+    """Train (or load) M_exp on the annotated offline transitions, plus its task-generation pairs."""
+    if cfg.exp_endpoint:
+        lm = dg.EndpointLM(cfg.exp_endpoint, cfg.exp_endpoint_model)
+        return dg.ExperienceModel(lm, buffer, cfg.k, cfg.history, cfg.reasoning, cfg.retrieval, cfg.exp_temperature)
+    path = cfg.exp_ckpt or os.path.join(cfg.out, "exp_model")
+    if os.path.exists(os.path.join(path, "config.json")) or os.path.exists(os.path.join(path, "adapter_config.json")):
+        lm = load_lm(cfg, path, dev, trainable=False)
+        return dg.ExperienceModel(lm, buffer, cfg.k, cfg.history, cfg.reasoning, cfg.retrieval, cfg.exp_temperature)
+    lm = init_model(cfg, "exp", trajs, tasks, dev)
+    exp = dg.ExperienceModel(lm, buffer, cfg.k, cfg.history, cfg.reasoning, cfg.retrieval, cfg.exp_temperature)
+    examples = exp.sft_examples([t for tr in trajs for t in tr])
+    if cfg.taskgen:
+        examples += dg.TaskGenerator(lm).sft_examples(tasks, random.Random(cfg.seed), encoder)
+    sft(lm, examples, cfg.exp_epochs, cfg.exp_lr, cfg.max_tokens, cfg.seed, "sft experience model", log)
+    save_model(lm.model, lm.tokenizer, path)
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    return exp
+
+
+# ============================================================================ stage 5: agent warm start
+def warm_start(cfg: Config, trajs, tasks, dev, log) -> tuple[dg.LocalLM, int]:
+    """Behaviour cloning of the tiny agent on a share of the offline successes (it has no prior);
+    returns the agent and how many real transitions that share holds (reported like the paper's SFT)."""
+    path = os.path.join(cfg.out, "agent_warm")
+    wins = [tr for tr in trajs if tr[-1].success]
+    rng = random.Random(cfg.seed)
+    share = rng.sample(wins, max(1, int(round(cfg.warm_share * len(wins)))))
+    n_real = sum(len(tr) for tr in share)
+    if os.path.exists(os.path.join(path, "config.json")) or os.path.exists(os.path.join(path, "adapter_config.json")):
+        return load_lm(cfg, path, dev, trainable=True), n_real
+    lm = init_model(cfg, "agent", trajs, tasks, dev)
+    examples = [(dg.AGENT_SYSTEM, dg.agent_prompt(t.task.instruction, t.history, t.state, cfg.history),
+                 dg.agent_target(t.reasoning, t.action)) for tr in share for t in tr]
+    sft(lm, examples, cfg.warm_epochs, cfg.warm_lr, cfg.max_tokens, cfg.seed, "warm start agent", log)
+    save_model(lm.model, lm.tokenizer, path)
+    lm.model.train()
+    return lm, n_real
+
+
+# ============================================================================ stage 6: RL
+@dataclass
+class RLState:
+    """Everything besides model/optimizer tensors that `--resume` needs to continue exactly."""
+    iteration: int = 0
+    real_transitions: int = 0          # real-env transitions consumed by RL (the paper's budget)
+    dream_transitions: int = 0
+    task_rewards: dict = dataclasses.field(default_factory=dict)   # task id -> last group's rewards
+    generated: list = dataclasses.field(default_factory=list)      # generated Task dicts
+    phase: str = "dream"               # dream | real (s2r switches once)
+
+
+class ValueHead(torch.nn.Module):
+    """PPO critic: a linear head reading the agent's hidden state at the last prompt token."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden, 1)
+        torch.nn.init.zeros_(self.proj.weight)
+        torch.nn.init.zeros_(self.proj.bias)
+
+    def forward(self, h):
+        return self.proj(h)
+
+
+def turn_values(agent: dg.LocalLM, head: ValueHead, episodes, cfg: Config) -> list[list[float]]:
+    """Critic values of every turn's state before the update (the 'old' values GAE needs)."""
+    turns = [(e, t) for e in episodes for t in e.turns]
+    dev = next(agent.model.parameters()).device
+    vals = {}
+    with torch.no_grad():
+        for mb in dg.token_batches(turns, [len(t.prompt_ids) for _, t in turns], cfg.max_tokens):
+            batch = dg.pack([(turns[i][1].prompt_ids, []) for i in mb], agent.tokenizer.pad_token_id, dev)
+            base = agent.model.get_base_model() if hasattr(agent.model, "get_base_model") else agent.model
+            hid = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            v = head(hid.reshape(-1, hid.shape[-1])[batch["value_pos"]].float()).squeeze(-1)
+            for i, x in zip(mb, v.tolist()):
+                vals[i] = x
+    out, n = [], 0
+    for e in episodes:
+        out.append([vals[n + j] for j in range(len(e.turns))])
+        n += len(e.turns)
+    return out
+
+
+def update_policy(agent: dg.LocalLM, opt, episodes, cfg: Config, head: ValueHead | None, ref: dg.LocalLM | None):
+    """One RL update from a batch of episodes: advantages, then clipped-surrogate steps over
+    `minibatches` token-mean mini-batches (agent tokens only: prompts and env text are masked)."""
+    if cfg.algo == "grpo":
+        adv_ep = dg.episode_advantages(episodes, cfg.adv_scale).tolist()
+        adv_turn = [[a] * len(e.turns) for a, e in zip(adv_ep, episodes)]
+        ret_turn = None
+    else:
+        adv_turn, ret_turn = dg.turn_gae(episodes, turn_values(agent, head, episodes, cfg), cfg.gamma, cfg.gae_lambda)
+    items = [(t, a, (r[j] if ret_turn else 0.0)) for e, advs, r in zip(episodes, adv_turn, ret_turn or adv_turn)
+             for j, (t, a) in enumerate(zip(e.turns, advs)) if t.response_ids]
+    dev = next(agent.model.parameters()).device
+    params = [p for p in agent.model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
+    stats = dict(loss=0.0, clipfrac=0.0, entropy=0.0, vloss=0.0, tokens=0)
+    rng = random.Random(cfg.seed * 100003 + len(items))
+    agent.model.train()
+    for _ in range(cfg.update_epochs):
+        order = list(range(len(items)))
+        rng.shuffle(order)
+        for mb_items in [order[i::cfg.minibatches] for i in range(cfg.minibatches)]:
+            if not mb_items:
+                continue
+            n_tok = sum(len(items[i][0].response_ids) for i in mb_items)
+            for mb in dg.token_batches(mb_items, [len(items[i][0].prompt_ids) + len(items[i][0].response_ids)
+                                                  for i in mb_items], cfg.max_tokens):
+                sel = [items[mb_items[j]] for j in mb]
+                batch = dg.pack([(t.prompt_ids, t.response_ids) for t, _, _ in sel], agent.tokenizer.pad_token_id, dev)
+                logp, ent, values = dg.response_logprobs(agent.model, batch, cfg.temperature, head)
+                old = torch.tensor([x for t, _, _ in sel for x in t.logprobs], device=dev)
+                adv = torch.tensor([a for t, a, _ in sel for _ in t.response_ids], device=dev)
+                ref_logp = None
+                if ref is not None and cfg.beta > 0:
+                    with torch.no_grad():
+                        ref_logp, _, _ = dg.response_logprobs(ref.model, batch, cfg.temperature)
+                surr, clipped = dg.policy_loss(logp, old, adv, cfg.clip_low, cfg.clip_high, ref_logp, cfg.beta)
+                loss = surr.sum() / n_tok
+                if head is not None:
+                    ret = torch.tensor([r for _, _, r in sel], device=dev)
+                    vloss = 0.5 * ((values - ret) ** 2).sum() / len(mb_items)
+                    loss = loss + cfg.vf_coef * vloss
+                    stats["vloss"] += vloss.item()
+                loss.backward()
+                stats["loss"] += loss.item()
+                stats["clipfrac"] += clipped.float().sum().item()
+                stats["entropy"] += ent.detach().sum().item()
+                stats["tokens"] += len(adv)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    agent.model.eval()
+    n = max(1, stats["tokens"])
+    return dict(loss=stats["loss"], clipfrac=stats["clipfrac"] / n, entropy=stats["entropy"] / n,
+                vloss=stats["vloss"], agent_tokens=stats["tokens"])
+
+
+def iteration_tasks(cfg: Config, st: RLState, real: list[Task], rng: random.Random, phase: str):
+    """tasks_per_iter tasks (generated ones capped at lambda, dream only), each repeated G times."""
+    generated = [Task.from_dict(d) for d in st.generated] if (cfg.taskgen and phase == "dream") else []
+    tasks = dg.mix_tasks(real, generated, cfg.tasks_per_iter, cfg.lam_tasks, rng)
+    batch = [t for t in tasks for _ in range(cfg.group_size)]
+    groups = [i for i in range(len(tasks)) for _ in range(cfg.group_size)]
+    return batch, groups
+
+
+def curriculum(cfg: Config, st: RLState, exp: dg.ExperienceModel, real: list[Task], log):
+    """Pick the highest-variance seed tasks and let M_task write variations of them."""
+    values = {tid: dg.reward_variance(r) for tid, r in st.task_rewards.items() if not tid.startswith("gen:")}
+    seeds = [t for t in real if t.id in set(dg.TaskGenerator.select(values, cfg.taskgen_seeds))]
+    gen = dg.TaskGenerator(exp.lm)
+    known = {t.init_state for t in real} | {d["init_state"] for d in st.generated}
+    new = gen.generate(seeds, cfg.taskgen_per_seed, known)
+    keep = max(cfg.tasks_per_iter * 4, 1)                # a bounded pool of the freshest variations
+    st.generated = (st.generated + [t.to_dict() for t in new])[-keep:]
+    log(stage="taskgen", iteration=st.iteration, seeds=len(seeds), accepted=len(new),
+        malformed=gen.stats["malformed"], duplicate=gen.stats["duplicate"], pool=len(st.generated))
+
+
+def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=None):
+    """The DreamGym loop. mode dream: every rollout is dreamed by M_exp; real: the same loop against
+    the real env; s2r: dream for `iterations`, then real RL until `s2r_real_budget` transitions."""
+    from engine import SamplingParams
+    ckdir = os.path.join(cfg.out, "ckpt")
+    head = ValueHead(agent.model.config.hidden_size).to(dev) if cfg.algo == "ppo" else None
+    params = [p for p in agent.model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
+    st, rng = RLState(phase="real" if cfg.mode == "real" else "dream"), random.Random(cfg.seed + 7)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if os.path.exists(ckdir):
+        st, rng, gen = load_checkpoint(ckdir, agent, opt, head, buffer, rng, gen)
+        log.truncate_after(st.iteration)
+        print(f"resumed from {ckdir} at iteration {st.iteration}")
+    params_s = SamplingParams(temperature=cfg.temperature, max_new_tokens=64, stop=(dg.AGENT_STOP,))
+    spec = parse_spec(cfg.env)
+    total = cfg.iterations if cfg.mode != "s2r" else cfg.iterations + 10_000
+    bar = tqdm(total=cfg.iterations, initial=min(st.iteration, cfg.iterations), desc=f"RL {cfg.mode}/{cfg.algo}")
+    while st.iteration < total:
+        if cfg.mode == "s2r" and st.phase == "dream" and st.iteration >= cfg.iterations:
+            st.phase = "real"
+        if st.phase == "real" and ((cfg.mode == "s2r" and st.real_transitions >= cfg.s2r_real_budget) or
+                                   (cfg.mode == "real" and cfg.real_budget and st.real_transitions >= cfg.real_budget)):
+            break
+        if cfg.mode != "s2r" and st.iteration >= cfg.iterations:
+            break
+        t0 = time.time()
+        batch, groups = iteration_tasks(cfg, st, real_tasks, rng, st.phase)
+        if st.phase == "dream":
+            env = dg.DreamEnv(exp, spec.max_steps, st.iteration)
+        else:
+            env = dg.make_real_env(cfg.env, len(batch))
+        episodes = dg.run_episodes(agent, env, batch, params_s, cfg.history, groups, generator=gen)
+        n_steps = sum(len(e.transitions) for e in episodes)
+        if st.phase == "real":
+            st.real_transitions += n_steps
+        else:
+            st.dream_transitions += n_steps
+        upd = update_policy(agent, opt, episodes, cfg, head, ref)
+        if st.phase == "dream" and cfg.add_to_buffer and buffer is not None:
+            buffer.add([t for e in episodes for t in e.transitions if not t.invalid])
+        for g in sorted(set(groups)):
+            grp = [e for e in episodes if e.group == g]
+            st.task_rewards[grp[0].task.id] = [e.reward for e in grp]
+        row = dict(stage="rl", iteration=st.iteration, phase=st.phase,
+                   reward=float(np.mean([e.reward for e in episodes])),
+                   success=float(np.mean([e.success for e in episodes])),
+                   format_error=sum(e.format_errors for e in episodes) / max(1, sum(len(e.turns) for e in episodes)),
+                   turns=float(np.mean([len(e.turns) for e in episodes])),
+                   generated_tasks=sum(t.synthetic for t in batch) // max(1, cfg.group_size),
+                   real_transitions=st.real_transitions, dream_transitions=st.dream_transitions,
+                   exp_malformed=exp.stats["failed"] if exp else 0, secs=round(time.time() - t0, 1), **upd)
+        st.iteration += 1
+        if st.phase == "dream" and cfg.taskgen and cfg.lam_tasks > 0 and st.iteration % cfg.taskgen_every == 0:
+            curriculum(cfg, st, exp, real_tasks, log)
+        if eval_fn is not None and cfg.eval_every and st.iteration % cfg.eval_every == 0:
+            row["curve_success"] = eval_fn(agent)
+        log(**row)
+        bar.update(1)
+        if st.iteration % cfg.ckpt_every == 0:
+            save_checkpoint(ckdir, agent, opt, head, buffer, st, rng, gen)
+    bar.close()
+    save_checkpoint(ckdir, agent, opt, head, buffer, st, rng, gen)
+    return st
+
+
+# ============================================================================ checkpoints (no pickles)
+def _opt_tensors(opt) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, meta = {}, {"param_groups": sd["param_groups"], "scalars": {}}
+    for pid, s in sd["state"].items():
+        for k, v in s.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                meta["scalars"][f"{pid}.{k}"] = v
+    return tensors, meta
+
+
+def save_checkpoint(path, agent, opt, head, buffer, st: RLState, rng, gen):
+    """Agent weights/adapters, optimizer, value head, replay buffer, curriculum state and every RNG,
+    written into a temporary folder and renamed into place: a kill at any moment leaves either the
+    previous checkpoint or the new one, never a mix."""
+    from safetensors.torch import save_file
+    tmp = path + f".tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    agent.model.save_pretrained(os.path.join(tmp, "agent"), safe_serialization=True)
+    agent.tokenizer.save_pretrained(os.path.join(tmp, "agent"))
+    tensors, meta = _opt_tensors(opt)
+    save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+    rngs = {"torch": torch.get_rng_state(), "gen": gen.get_state()}
+    if head is not None:
+        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, os.path.join(tmp, "value_head.safetensors"))
+    save_file(rngs, os.path.join(tmp, "rng.safetensors"))
+    if buffer is not None:
+        buffer.save(os.path.join(tmp, "buffer"))
+    np_state = np.random.get_state()
+    state = {"rl": dataclasses.asdict(st), "optimizer": meta, "python_rng": _jsonable(random.getstate()),
+             "task_rng": _jsonable(rng.getstate()),
+             "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump(state, f)
+    old = path + f".old{os.getpid()}"
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    if buffer is not None and buffer.path:
+        buffer.save(buffer.path)
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuple(x):
+    return tuple(_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+def load_checkpoint(path, agent, opt, head, buffer, rng, gen):
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    adir = os.path.join(path, "agent")
+    if os.path.exists(os.path.join(adir, "adapter_config.json")):
+        set_peft_model_state_dict(agent.model, load_file(os.path.join(adir, "adapter_model.safetensors")))
+    else:
+        weights = load_file(os.path.join(adir, "model.safetensors"))
+        missing, unexpected = agent.model.load_state_dict(weights, strict=False)
+        if unexpected or [m for m in missing if "lm_head" not in m]:
+            raise ValueError(f"checkpoint {adir} does not match the agent: {missing[:3]} {unexpected[:3]}")
+        agent.model.tie_weights()
+    state = json.load(open(os.path.join(path, "state.json")))
+    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    sd = {"param_groups": state["optimizer"]["param_groups"], "state": {}}
+    for key, v in list(tensors.items()) + list(state["optimizer"]["scalars"].items()):
+        pid, name = key.split(".", 1)
+        sd["state"].setdefault(int(pid), {})[name] = v
+    opt.load_state_dict(sd)
+    if head is not None:
+        head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors")))
+    rngs = load_file(os.path.join(path, "rng.safetensors"))
+    torch.set_rng_state(rngs["torch"])
+    gen.set_state(rngs["gen"])
+    random.setstate(_tuple(state["python_rng"]))
+    rng.setstate(_tuple(state["task_rng"]))
+    n = state["numpy_rng"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    if buffer is not None:
+        snap = dg.ReplayBuffer.load(os.path.join(path, "buffer"), buffer.encoder, buffer.capacity, attach=False)
+        buffer.items, buffer.emb = snap.items, snap.emb
+        if buffer.path:
+            buffer.save(buffer.path)
+    return RLState(**state["rl"]), rng, gen
+
+
+# ============================================================================ evaluation, plots, main
+def fidelity_table(cfg: Config, fold: str, n_traj: int = 150) -> dict:
+    """M_exp fidelity on held-out real transitions (reward/done/state accuracy, parse failures)."""
+    from eval import fidelity, heldout_transitions
+    dev = device_of(cfg)
+    encoder = dg.Encoder()
+    trajs = annotated_trajectories(cfg)
+    buffer = build_buffer(cfg, trajs, encoder) if cfg.retrieval else None
+    exp = experience_model(cfg, trajs, seed_tasks(trajs), buffer, encoder, dev, None)
+    return fidelity(exp, heldout_transitions(cfg.env, fold, n_traj))
+
+
+def annotated_trajectories(cfg: Config):
+    rows = offline_data(cfg)
+    trajs = dg.trajectories(rows)
+    cache = os.path.join(cfg.data_dir, "offline", "reasoning-" + os.path.basename(offline_path(cfg)))
+    dg.annotate_offline(trajs, dg.RuleAnnotator(), cache)
+    return trajs
+
+
+def offline_path(cfg: Config) -> str:
+    name = (f"{cfg.env.replace(':', '_').replace(',', '_').replace('=', '')}-e{cfg.offline_expert}"
+            f"-n{cfg.offline_noisy}-r{cfg.offline_random}-eps{cfg.offline_epsilon}-s{cfg.seed}")
+    return os.path.join(cfg.data_dir, "offline", name + ".jsonl")
+
+
+def plot_curves(log: Log, path: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in log.rows() if r.get("stage") == "rl"]
+    if not rows:
+        return
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
+    it = [r["iteration"] for r in rows]
+    for phase, style in (("dream", "-"), ("real", "--")):
+        pts = [(r["iteration"], r["reward"]) for r in rows if r["phase"] == phase]
+        if pts:
+            ax[0].plot(*zip(*pts), style, label=f"{phase} rollouts: mean reward")
+    ax[0].set(title="training reward", xlabel="iteration")
+    ax[0].legend()
+    ev = [(r["iteration"], r["curve_success"]) for r in rows if "curve_success" in r]
+    if ev:
+        ax[1].plot(*zip(*ev), "o-")
+    ax[1].set(title="real success, held-out dev fold", xlabel="iteration", ylim=(0, 1))
+    ax[2].plot(it, [r["format_error"] for r in rows], label="agent format errors / turn")
+    ax[2].plot(it, [r["clipfrac"] for r in rows], label="clip fraction")
+    ax[2].set(title="health", xlabel="iteration")
+    ax[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(cfg: Config) -> dict:
+    """The whole pipeline for one config; returns the results (also written to results.json)."""
+    from eval import evaluate_agent
+    os.makedirs(cfg.out, exist_ok=True)
+    cfg_path = os.path.join(cfg.out, "config.json")
+    if cfg.resume and not os.path.exists(os.path.join(cfg.out, "ckpt")):
+        print(f"--resume: no checkpoint in {cfg.out} yet, starting the RL stage from the beginning")
+    with open(cfg_path, "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    seed_all(cfg.seed)
+    dev = device_of(cfg)
+    log = Log(os.path.join(cfg.out, "metrics.jsonl"))
+    res_path = os.path.join(cfg.out, "results.json")
+    results = json.load(open(res_path)) if os.path.exists(res_path) else {}
+
+    trajs = annotated_trajectories(cfg)
+    tasks = seed_tasks(trajs)
+    encoder = dg.Encoder() if (cfg.retrieval or cfg.taskgen) else None
+    buffer = build_buffer(cfg, trajs, encoder) if cfg.retrieval else None
+    exp = experience_model(cfg, trajs, tasks, buffer, encoder, dev, log) if cfg.mode != "real" else None
+    agent, n_warm = warm_start(cfg, trajs, tasks, dev, log)
+    results["offline_transitions"] = sum(len(t) for t in trajs)
+    results["warm_transitions"] = n_warm
+    if "warm" not in results:
+        results["warm"] = evaluate_agent(agent, cfg.env, cfg.eval_fold, cfg.eval_episodes, cfg.history)
+        log(stage="eval", which="warm start", fold=cfg.eval_fold, **results["warm"])
+    ref = None
+    if cfg.beta > 0:
+        ref = load_lm(cfg, os.path.join(cfg.out, "agent_warm"), dev, trainable=False)
+    curve = lambda a: evaluate_agent(a, cfg.env, cfg.curve_fold, cfg.curve_episodes, cfg.history)["success"]
+    st = rl(cfg, agent, exp, buffer, tasks, dev, log, ref, curve)
+    results["final"] = evaluate_agent(agent, cfg.env, cfg.eval_fold, cfg.eval_episodes, cfg.history)
+    results["rl_real_transitions"] = st.real_transitions
+    results["rl_dream_transitions"] = st.dream_transitions
+    log(stage="eval", which="final", fold=cfg.eval_fold, **results["final"])
+    write_jsonl(res_path + ".tmp", [results])
+    with open(res_path, "w") as f:
+        json.dump(results, f, indent=1)
+    os.remove(res_path + ".tmp")
+    plot_curves(log, os.path.join(cfg.out, "curves.png"))
+    return results
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    t0 = time.time()
+    res = run(cfg)
+    from eval import format_table
+    name = {"dream": "DreamGym", "real": "real-env", "s2r": "DreamGym-S2R"}[cfg.mode] + "-" + cfg.algo.upper()
+    rows = [dict(method="SFT warm start", real_transitions=res["warm_transitions"],
+                 success=f"{res['warm']['success']:.3f}"),
+            dict(method=name, real_transitions=res["warm_transitions"] + res["rl_real_transitions"],
+                 success=f"{res['final']['success']:.3f}")]
+    print(f"\n{cfg.env}, {cfg.eval_fold} fold, {cfg.eval_episodes} episodes "
+          f"(offline data for M_exp: {res['offline_transitions']} real transitions); {time.time() - t0:.0f}s")
+    print(format_table(rows, ["method", "real_transitions", "success"]))
+    print(f"curves: {os.path.join(cfg.out, 'curves.png')}")
+
+
+if __name__ == "__main__":
+    main()
