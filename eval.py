@@ -100,6 +100,72 @@ def format_table(rows: list[dict], cols: list[str]) -> str:
                      [line([r.get(c, "") for c in cols]) for r in rows])
 
 
+# ----------------------------------------------------------------------------- the Table 1 suite
+# (name, Config overrides, trains its own experience model?). The first method trains the shared
+# experience model and warm-start agent of its seed; the others reuse them, except the two ablations
+# whose experience model is trained differently.
+METHODS = [
+    ("DreamGym-GRPO", dict(mode="dream", algo="grpo"), True),
+    ("GRPO (real env)", dict(mode="real", algo="grpo"), False),
+    ("DreamGym-S2R-GRPO", dict(mode="s2r", algo="grpo"), False),
+    ("PPO (real env)", dict(mode="real", algo="ppo"), False),
+    ("DreamGym-PPO", dict(mode="dream", algo="ppo"), False),
+    ("DreamGym-S2R-PPO", dict(mode="s2r", algo="ppo"), False),
+    ("ablation: no replay retrieval", dict(mode="dream", algo="grpo", retrieval=False), True),
+    ("ablation: no experience reasoning", dict(mode="dream", algo="grpo", reasoning=False), True),
+    ("ablation: no task generation", dict(mode="dream", algo="grpo", taskgen=False), False),
+]
+
+
+def mean_std(xs: list[float]) -> str:
+    return f"{100 * np.mean(xs):.1f} ± {100 * np.std(xs):.1f}" if xs else "-"
+
+
+def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] | None = None) -> str:
+    """Every method of METHODS for every seed (each run cached in its folder, so an interrupted
+    suite resumes), then the table: success on the held-out test fold, mean ± std over seeds."""
+    import train
+    chosen = [m for m in METHODS if methods is None or m[0] in methods]
+    results = {name: [] for name, _, _ in chosen}
+    fid = {}
+    for seed in seeds:
+        base_dir = os.path.join(out, f"seed{seed}")
+        first = os.path.join(base_dir, METHODS[0][0].replace(" ", "_"))
+        for name, over, own_exp in chosen:
+            run_dir = os.path.join(base_dir, name.replace(" ", "_").replace(":", ""))
+            cfg = train.Config(**{**overrides, **over, "seed": seed, "out": run_dir})
+            if run_dir != first:
+                cfg.warm_ckpt = os.path.join(first, "agent_warm")
+                if not own_exp:
+                    cfg.exp_ckpt = os.path.join(first, "exp_model")
+            cfg.validate()
+            res_file = os.path.join(run_dir, "results.json")
+            res = json.load(open(res_file)) if os.path.exists(res_file) else train.run(cfg)
+            results[name].append(res)
+            if own_exp and cfg.mode != "real":
+                key = {"DreamGym-GRPO": "full"}.get(name, name.split(": ")[-1])
+                fid.setdefault(key, []).append(train.fidelity_table(cfg, cfg.eval_fold))
+    warm = [results[chosen[0][0]][i]["warm"]["success"] for i in range(len(seeds))]
+    rows = [dict(method="SFT (warm start)", real_transitions=int(np.mean(
+        [results[chosen[0][0]][i]["warm_transitions"] for i in range(len(seeds))])), success=mean_std(warm))]
+    for name, _, _ in chosen:
+        rs = results[name]
+        rows.append(dict(method=name, real_transitions=int(np.mean([r["warm_transitions"] + r["rl_real_transitions"]
+                                                                        for r in rs])),
+                         success=mean_std([r["final"]["success"] for r in rs])))
+    text = format_table(rows, ["method", "real_transitions", "success"])
+    if fid:
+        frows = [dict(model=k, **{m: mean_std([f[m] for f in v]) for m in
+                                  ("reward_acc", "reward_acc_pos", "done_acc", "invalid_detect", "state_exact",
+                                   "state_f1", "parse_fail")}) for k, v in fid.items()]
+        text += "\n\nexperience-model fidelity on held-out real transitions (%):\n" + format_table(
+            frows, ["model", "reward_acc", "reward_acc_pos", "done_acc", "invalid_detect", "state_exact",
+                    "state_f1", "parse_fail"])
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
 # ----------------------------------------------------------------------------- command line
 def main(argv=None):
     import train
@@ -115,7 +181,19 @@ def main(argv=None):
     f.add_argument("--run", required=True, help="a run folder (its exp_model, buffer and config.json)")
     f.add_argument("--fold", default="test", choices=["dev", "test"])
     f.add_argument("--trajectories", type=int, default=150)
+    t = sub.add_parser("table", help="the paper's Table 1 + ablations on the built-in env, several seeds")
+    t.add_argument("--out", default="runs/table")
+    t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    t.add_argument("--methods", nargs="*", default=None, help="a subset of the method names")
+    t.add_argument("--set", nargs="*", default=[], help="Config overrides for every run, e.g. iterations=20")
     args = p.parse_args(argv)
+    if args.cmd == "table":
+        over = {}
+        for kv in args.set:
+            k, _, v = kv.partition("=")
+            over[k] = train.parse_args([f"--{k}", v]).__dict__[k]
+        print(table_suite(args.out, args.seeds, over, args.methods))
+        return
     dev = train.device_of(train.Config())
     if args.cmd == "agent":
         parse_spec(args.env)

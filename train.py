@@ -57,6 +57,7 @@ class Config:
     exp_endpoint: str = ""            # OpenAI-compatible URL: serve M_exp elsewhere (vLLM/SGLang)
     exp_endpoint_model: str = ""
     exp_ckpt: str = ""                # reuse a trained experience model (folder) instead of training one
+    warm_ckpt: str = ""               # reuse a warm-started agent (folder) instead of behaviour cloning
     vocab_size: int = 2048
     # --- experience model
     k: int = 3                        # retrieved demonstrations
@@ -65,12 +66,15 @@ class Config:
     retrieval: bool = True            # ablation: --retrieval false
     exp_epochs: float = 2.0
     exp_lr: float = 2e-3
+    exp_batch_tokens: int = 8192
     exp_temperature: float = 0.0
+    exp_max_tokens: int = 320         # generation budget of one experience-model step
     buffer_capacity: int = 50_000
     # --- agent warm start (behaviour cloning on a share of offline successes)
     warm_share: float = 0.25
-    warm_epochs: float = 3.0
+    warm_epochs: float = 10.0
     warm_lr: float = 2e-3
+    warm_batch_tokens: int = 2048
     # --- RL
     iterations: int = 30
     tasks_per_iter: int = 8
@@ -278,34 +282,49 @@ def load_lm(cfg: Config, path: str, dev, trainable: bool) -> dg.LocalLM:
 
 # ============================================================================ stage 3: replay buffer
 def build_buffer(cfg: Config, trajs, encoder) -> dg.ReplayBuffer:
+    """The run's replay buffer, seeded with the offline real transitions. phi of the offline data is
+    computed once per dataset and cached beside it, so every run on the same data starts instantly."""
+    from safetensors.numpy import load_file, save_file
     path = os.path.join(cfg.out, "buffer")
     if os.path.exists(path + ".jsonl"):
         return dg.ReplayBuffer.load(path, encoder, cfg.buffer_capacity)
-    buf = dg.ReplayBuffer(encoder, cfg.buffer_capacity)
     flat = [t for tr in trajs for t in tr]
-    for i in tqdm(range(0, len(flat), 512), desc="embed offline transitions"):
-        buf.add(flat[i:i + 512])
+    cache = offline_path(cfg) + ".emb.safetensors"
+    emb = load_file(cache)["emb"] if os.path.exists(cache) else None
+    if emb is None or len(emb) != len(flat):
+        texts = [dg.query_text(t.state, t.action) for t in flat]
+        emb = np.concatenate([encoder(texts[i:i + 256]) for i in tqdm(range(0, len(texts), 256),
+                                                                       desc="embed offline transitions")])
+        save_file({"emb": emb}, cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
+    buf = dg.ReplayBuffer(encoder, cfg.buffer_capacity)
+    buf.add(flat, emb)
     buf.save(path)
     buf.path = path
     return buf
 
 
 # ============================================================================ stage 4: experience model
+def exp_model_of(cfg: Config, lm, buffer) -> dg.ExperienceModel:
+    return dg.ExperienceModel(lm, buffer, cfg.k, cfg.history, cfg.reasoning, cfg.retrieval, cfg.exp_temperature,
+                              cfg.exp_max_tokens)
+
+
 def experience_model(cfg: Config, trajs, tasks, buffer, encoder, dev, log) -> dg.ExperienceModel:
     """Train (or load) M_exp on the annotated offline transitions, plus its task-generation pairs."""
     if cfg.exp_endpoint:
         lm = dg.EndpointLM(cfg.exp_endpoint, cfg.exp_endpoint_model)
-        return dg.ExperienceModel(lm, buffer, cfg.k, cfg.history, cfg.reasoning, cfg.retrieval, cfg.exp_temperature)
+        return exp_model_of(cfg, lm, buffer)
     path = cfg.exp_ckpt or os.path.join(cfg.out, "exp_model")
     if os.path.exists(os.path.join(path, "config.json")) or os.path.exists(os.path.join(path, "adapter_config.json")):
         lm = load_lm(cfg, path, dev, trainable=False)
-        return dg.ExperienceModel(lm, buffer, cfg.k, cfg.history, cfg.reasoning, cfg.retrieval, cfg.exp_temperature)
+        return exp_model_of(cfg, lm, buffer)
     lm = init_model(cfg, "exp", trajs, tasks, dev)
-    exp = dg.ExperienceModel(lm, buffer, cfg.k, cfg.history, cfg.reasoning, cfg.retrieval, cfg.exp_temperature)
+    exp = exp_model_of(cfg, lm, buffer)
     examples = exp.sft_examples([t for tr in trajs for t in tr])
     if cfg.taskgen:
         examples += dg.TaskGenerator(lm).sft_examples(tasks, random.Random(cfg.seed), encoder)
-    sft(lm, examples, cfg.exp_epochs, cfg.exp_lr, cfg.max_tokens, cfg.seed, "sft experience model", log)
+    sft(lm, examples, cfg.exp_epochs, cfg.exp_lr, cfg.exp_batch_tokens, cfg.seed, "sft experience model", log)
     save_model(lm.model, lm.tokenizer, path)
     for p in lm.model.parameters():
         p.requires_grad_(False)
@@ -316,7 +335,7 @@ def experience_model(cfg: Config, trajs, tasks, buffer, encoder, dev, log) -> dg
 def warm_start(cfg: Config, trajs, tasks, dev, log) -> tuple[dg.LocalLM, int]:
     """Behaviour cloning of the tiny agent on a share of the offline successes (it has no prior);
     returns the agent and how many real transitions that share holds (reported like the paper's SFT)."""
-    path = os.path.join(cfg.out, "agent_warm")
+    path = cfg.warm_ckpt or os.path.join(cfg.out, "agent_warm")
     wins = [tr for tr in trajs if tr[-1].success]
     rng = random.Random(cfg.seed)
     share = rng.sample(wins, max(1, int(round(cfg.warm_share * len(wins)))))
@@ -326,7 +345,7 @@ def warm_start(cfg: Config, trajs, tasks, dev, log) -> tuple[dg.LocalLM, int]:
     lm = init_model(cfg, "agent", trajs, tasks, dev)
     examples = [(dg.AGENT_SYSTEM, dg.agent_prompt(t.task.instruction, t.history, t.state, cfg.history),
                  dg.agent_target(t.reasoning, t.action)) for tr in share for t in tr]
-    sft(lm, examples, cfg.warm_epochs, cfg.warm_lr, cfg.max_tokens, cfg.seed, "warm start agent", log)
+    sft(lm, examples, cfg.warm_epochs, cfg.warm_lr, cfg.warm_batch_tokens, cfg.seed, "warm start agent", log)
     save_model(lm.model, lm.tokenizer, path)
     lm.model.train()
     return lm, n_real
@@ -454,6 +473,19 @@ def curriculum(cfg: Config, st: RLState, exp: dg.ExperienceModel, real: list[Tas
         malformed=gen.stats["malformed"], duplicate=gen.stats["duplicate"], pool=len(st.generated))
 
 
+def next_phase(cfg: Config, st: RLState) -> str | None:
+    """dream: `iterations` dreamed iterations. real: `iterations` real ones (or until `real_budget`).
+    s2r: `iterations` dreamed ones, then real ones until `s2r_real_budget` real transitions."""
+    if cfg.mode == "dream":
+        return "dream" if st.iteration < cfg.iterations else None
+    if cfg.mode == "real":
+        over = cfg.real_budget and st.real_transitions >= cfg.real_budget
+        return "real" if st.iteration < cfg.iterations and not over else None
+    if st.iteration < cfg.iterations:
+        return "dream"
+    return "real" if st.real_transitions < cfg.s2r_real_budget else None
+
+
 def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=None):
     """The DreamGym loop. mode dream: every rollout is dreamed by M_exp; real: the same loop against
     the real env; s2r: dream for `iterations`, then real RL until `s2r_real_budget` transitions."""
@@ -465,22 +497,18 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
     st, rng = RLState(phase="real" if cfg.mode == "real" else "dream"), random.Random(cfg.seed + 7)
     gen = torch.Generator().manual_seed(cfg.seed)
     if os.path.exists(ckdir):
+        if not cfg.resume:
+            raise ValueError(f"{cfg.out} already holds a checkpoint: pass --resume to continue it, "
+                             f"or choose a new --out")
         st, rng, gen = load_checkpoint(ckdir, agent, opt, head, buffer, rng, gen)
         log.truncate_after(st.iteration)
         print(f"resumed from {ckdir} at iteration {st.iteration}")
     params_s = SamplingParams(temperature=cfg.temperature, max_new_tokens=64, stop=(dg.AGENT_STOP,))
     spec = parse_spec(cfg.env)
-    total = cfg.iterations if cfg.mode != "s2r" else cfg.iterations + 10_000
     bar = tqdm(total=cfg.iterations, initial=min(st.iteration, cfg.iterations), desc=f"RL {cfg.mode}/{cfg.algo}")
-    while st.iteration < total:
-        if cfg.mode == "s2r" and st.phase == "dream" and st.iteration >= cfg.iterations:
-            st.phase = "real"
-        if st.phase == "real" and ((cfg.mode == "s2r" and st.real_transitions >= cfg.s2r_real_budget) or
-                                   (cfg.mode == "real" and cfg.real_budget and st.real_transitions >= cfg.real_budget)):
-            break
-        if cfg.mode != "s2r" and st.iteration >= cfg.iterations:
-            break
-        t0 = time.time()
+    while (phase := next_phase(cfg, st)) is not None:
+        st.phase = phase
+        t0, exp_failed = time.time(), exp.stats["failed"] if exp else 0
         batch, groups = iteration_tasks(cfg, st, real_tasks, rng, st.phase)
         if st.phase == "dream":
             env = dg.DreamEnv(exp, spec.max_steps, st.iteration)
@@ -505,7 +533,8 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
                    turns=float(np.mean([len(e.turns) for e in episodes])),
                    generated_tasks=sum(t.synthetic for t in batch) // max(1, cfg.group_size),
                    real_transitions=st.real_transitions, dream_transitions=st.dream_transitions,
-                   exp_malformed=exp.stats["failed"] if exp else 0, secs=round(time.time() - t0, 1), **upd)
+                   exp_failed=(exp.stats["failed"] - exp_failed) if exp else 0, secs=round(time.time() - t0, 1),
+                   **upd)
         st.iteration += 1
         if st.phase == "dream" and cfg.taskgen and cfg.lam_tasks > 0 and st.iteration % cfg.taskgen_every == 0:
             curriculum(cfg, st, exp, real_tasks, log)
@@ -692,7 +721,7 @@ def run(cfg: Config) -> dict:
         log(stage="eval", which="warm start", fold=cfg.eval_fold, **results["warm"])
     ref = None
     if cfg.beta > 0:
-        ref = load_lm(cfg, os.path.join(cfg.out, "agent_warm"), dev, trainable=False)
+        ref = load_lm(cfg, cfg.warm_ckpt or os.path.join(cfg.out, "agent_warm"), dev, trainable=False)
     curve = lambda a: evaluate_agent(a, cfg.env, cfg.curve_fold, cfg.curve_episodes, cfg.history)["success"]
     st = rl(cfg, agent, exp, buffer, tasks, dev, log, ref, curve)
     results["final"] = evaluate_agent(agent, cfg.env, cfg.eval_fold, cfg.eval_episodes, cfg.history)

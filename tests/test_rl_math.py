@@ -1,0 +1,96 @@
+"""GRPO/PPO pieces against hand-computed values: advantages, clipped loss, masking, curriculum."""
+import math
+import random
+
+import pytest
+import torch
+
+import dreamgym as dg
+from envs import Task
+
+
+def ep(reward, group, n_turns=2):
+    e = dg.Episode(task=Task("twc", "train", group), reward=reward, group=group)
+    e.turns = [dg.Turn([1, 2, 3], [4, 5], [-0.1, -0.2], reward=0.0) for _ in range(n_turns)]
+    e.turns[-1].reward = reward
+    return e
+
+
+def test_grpo_advantages_by_hand():
+    eps = [ep(1, 0), ep(0, 0), ep(0, 0), ep(1, 0), ep(1, 7), ep(1, 7), ep(0, 3)]
+    adv = dg.episode_advantages(eps).tolist()
+    s = math.sqrt(1 / 3)                       # unbiased std of [1, 0, 0, 1]
+    expect = [0.5 / s, -0.5 / s, -0.5 / s, 0.5 / s, 0.0, 0.0, 0.0]
+    assert adv == pytest.approx(expect, abs=1e-4)
+    adv = dg.episode_advantages(eps, scale="none").tolist()
+    assert adv == pytest.approx([0.5, -0.5, -0.5, 0.5, 0, 0, 0], abs=1e-6)
+
+
+def test_gae_over_turns_by_hand():
+    eps = [ep(1, 0, n_turns=3), ep(0, 1, n_turns=1)]
+    values = [[0.5, 0.25, 0.75], [0.5]]
+    adv, ret = dg.turn_gae(eps, values, gamma=0.9, lam=0.5)
+    # deltas: t2 = 1 - .75 = .25; t1 = 0 + .9*.75 - .25 = .425; t0 = .9*.25 - .5 = -.275
+    a2 = 0.25
+    a1 = 0.425 + 0.45 * a2
+    a0 = -0.275 + 0.45 * a1
+    assert adv[0] == pytest.approx([a0, a1, a2], abs=1e-5)
+    assert adv[1] == pytest.approx([-0.5], abs=1e-6)
+    assert ret[0] == pytest.approx([a0 + 0.5, a1 + 0.25, a2 + 0.75], abs=1e-5)
+
+
+def test_clipped_loss_by_hand():
+    old = torch.zeros(4)
+    logp = torch.log(torch.tensor([1.0, 1.5, 0.5, 1.5]))
+    adv = torch.tensor([2.0, 1.0, -1.0, -1.0])
+    surr, clipped = dg.policy_loss(logp, old, adv, clip_low=0.2, clip_high=0.28)
+    # ratio 1 -> -2; ratio 1.5, A>0 -> clipped at 1.28; ratio .5, A<0 -> clipped at .8 -> 0.8;
+    # ratio 1.5, A<0 -> max(1.5, 1.28) = 1.5 (pessimistic: no clipping helps)
+    assert surr.tolist() == pytest.approx([-2.0, -1.28, 0.8, 1.5], abs=1e-6)
+    assert clipped.tolist() == [False, True, True, False]
+    kl_surr, _ = dg.policy_loss(logp, old, adv, ref_logp=old, beta=0.1)
+    d = old - logp
+    assert (kl_surr - surr).tolist() == pytest.approx((0.1 * (torch.exp(d) - d - 1)).tolist(), abs=1e-6)
+
+
+def test_pack_masks_everything_but_agent_tokens():
+    seqs = [([10, 11, 12], [20, 21]), ([13], [22, 23, 24])]
+    b = dg.pack(seqs, pad_id=0, device="cpu")
+    L = b["input_ids"].shape[1]
+    assert b["input_ids"].tolist() == [[10, 11, 12, 20, 21], [13, 22, 23, 24, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    # position p predicts token p+1: only positions whose next token is a response token are kept
+    assert b["target_pos"].tolist() == [2, 3, L + 0, L + 1, L + 2]
+    assert b["targets"].tolist() == [20, 21, 22, 23, 24]
+    flat = b["input_ids"].reshape(-1)
+    assert (flat[b["target_pos"] + 1] == b["targets"]).all()
+    assert b["value_pos"].tolist() == [2, L + 0]
+
+
+def test_token_batches_respect_budget():
+    lengths = [5, 50, 7, 48, 30, 9]
+    batches = dg.token_batches(list(range(6)), lengths, max_tokens=100)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    assert all(max(lengths[i] for i in b) * len(b) <= 100 or len(b) == 1 for b in batches)
+
+
+def test_reward_variance_and_seed_selection():
+    assert dg.reward_variance([1, 1, 1]) == 0 and dg.reward_variance([0, 0]) == 0
+    assert dg.reward_variance([1, 0, 1, 0]) == pytest.approx(0.25)
+    values = {"a": dg.reward_variance([1, 0, 0, 0]), "b": dg.reward_variance([1, 0]), "c": 0.0,
+              "d": dg.reward_variance([1, 1, 1, 0])}
+    assert dg.TaskGenerator.select(values, 2) == ["b", "a"]    # 0.25, then the tie a/d by id
+    assert "c" not in dg.TaskGenerator.select(values, 10)
+
+
+def test_mix_tasks_respects_lambda():
+    real = [Task("twc", "train", i) for i in range(20)]
+    gen = [Task("twc", "generated", i, init_state="s", parent="twc/train/0") for i in range(20)]
+    rng = random.Random(0)
+    for lam, n in [(0.0, 8), (0.25, 8), (0.5, 7), (1.0, 4)]:
+        tasks = dg.mix_tasks(real, gen, n, lam, rng)
+        assert len(tasks) == n
+        assert sum(t.synthetic for t in tasks) == min(int(lam * n), len(gen))
+    assert sum(t.synthetic for t in dg.mix_tasks(real, gen[:1], 8, 0.5, rng)) == 1
+    with pytest.raises(ValueError):
+        dg.mix_tasks(real, gen, 8, 1.5, rng)
