@@ -90,7 +90,7 @@ def collect(env_spec: str, n_expert: int, n_noisy: int, n_random: int, fold="tra
     plan = ["expert"] * n_expert + ["noisy"] * n_noisy + ["random"] * n_random + ["filtered"] * n_filtered
     seeds = _seeds(env_spec, fold, len(plan), rng)
     env = make_env(env_spec)
-    if (n_expert or n_noisy) and not hasattr(env, "gold_actions"):
+    if (n_expert or n_noisy) and not getattr(env, "has_expert", hasattr(env, "gold_actions")):
         raise ValueError(f"{env_spec} has no expert (gold_actions); collect with --random and --filtered")
     out, pool, seen, tries = [], [], Counter(), 0
     for s, policy in tqdm(list(zip(seeds, plan)), desc=f"collect {env_spec}", disable=not progress):
