@@ -37,9 +37,9 @@ MAX_STEPS = 50  # ALFWorld's own episode budget
 
 def parse_spec(spec: str) -> tuple[Path, int]:
     """'alfworld' | 'alfworld:<dir>' | either with ',max_steps=N' -> (data dir, max steps)."""
-    rest = spec.partition(":")[2]
+    rest = spec[len("alfworld"):].removeprefix(":")
     max_steps = MAX_STEPS
-    m = re.search(r",max_steps=(\d+)$", rest)
+    m = re.search(r"(?:^|,)max_steps=(\d+)$", rest)
     if m:
         rest, max_steps = rest[:m.start()], int(m.group(1))
     if rest:
@@ -70,6 +70,10 @@ def game_files(root: str, fold: str) -> tuple[str, ...]:
     return tuple(games)
 
 
+def max_steps(spec: str) -> int:
+    return parse_spec(spec)[1]
+
+
 def task_seeds(spec: str, fold: str) -> range:
     root, _ = parse_spec(spec)
     return range(len(game_files(str(root), fold)))
@@ -79,7 +83,7 @@ def write_game(problem: str | Path, out: str | Path) -> Path:
     """A playable game.tw-pddl from a PDDL problem over ALFWorld's domain. The problem text carries its
     task description on a comment line `;; task: put a cool apple in countertop`."""
     import alfworld
-    text = Path(problem).read_text() if Path(str(problem)).is_file() else str(problem)
+    text = str(problem) if "(define" in str(problem) else Path(problem).read_text()
     m = re.search(r";;\s*task:\s*(.+)", text)
     if not m:
         raise ValueError("the problem needs a ';; task: <description>' line")
@@ -217,3 +221,20 @@ class AlfWorldEnv:
         plan = list(gs["policy_commands"])
         env.close()
         return plan
+
+
+def main(argv=None):
+    """python -m envs.alfworld tests/data/alfworld/*.pddl --out data/alfworld: a game folder from
+    hand-written problems (<out>/train/<name>/game.tw-pddl), playable as `alfworld:<out>`."""
+    import argparse
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("problems", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--split", default="train", choices=sorted(SPLITS.values()))
+    a = p.parse_args(argv)
+    for prob in a.problems:
+        print(write_game(prob, Path(a.out) / a.split / Path(prob).stem / "game.tw-pddl"))
+
+
+if __name__ == "__main__":
+    main()

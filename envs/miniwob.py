@@ -55,6 +55,10 @@ def parse_spec(spec: str) -> tuple[str, int]:
     return task, max_steps
 
 
+def max_steps(spec: str) -> int:
+    return parse_spec(spec)[1]
+
+
 def task_seeds(spec: str, fold: str) -> range:
     """MiniWoB draws each episode from the task's generator by seed: disjoint seed ranges per fold."""
     if fold not in FOLD_SEEDS:

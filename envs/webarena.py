@@ -42,6 +42,10 @@ def parse_spec(spec: str) -> int:
     return int(m.group(1) or MAX_STEPS)
 
 
+def max_steps(spec: str) -> int:
+    return parse_spec(spec)
+
+
 def task_ids(fold: str) -> list[str]:
     """The fold's BrowserGym task names (importing BrowserGym's task lists only)."""
     from browsergym.webarenalite.config import TASK_IDS as LITE

@@ -48,6 +48,10 @@ def task_seeds(spec: str, fold: str) -> range:
     return FOLDS[fold]
 
 
+def max_steps(spec: str) -> int:
+    return MAX_STEPS
+
+
 class Page(HTMLParser):
     """One WebShop page -> its clickables and its visible text, in page order."""
 

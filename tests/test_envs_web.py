@@ -186,7 +186,7 @@ def test_webshop_search_click_buy_against_the_real_server():
 # ----------------------------------------------------------------------------- WebArena-Lite (real servers)
 def _webarena_missing() -> str | None:
     if importlib.util.find_spec("browsergym") is None or importlib.util.find_spec("browsergym.webarenalite") is None:
-        return "BrowserGym's WebArena-Lite is optional: pip install browsergym-webarenalite (see envs/README.md)"
+        return "BrowserGym's WebArena-Lite is optional: pip install -r requirements-webarena.txt (see envs/README.md)"
     from envs.webarena import missing_servers
     if missing_servers():
         return f"no WebArena servers here (they run on the user's machines): set {', '.join(missing_servers())}"
