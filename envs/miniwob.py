@@ -106,7 +106,6 @@ class _Browser:
         _quiet_browser()
         gymnasium.register_envs(miniwob)
         self.env = gymnasium.make(f"miniwob/{task}-v1").unwrapped
-        self._script(f"core.EPISODE_MAX_TIME = {NO_TIMEOUT_MS};")
         self.key = None     # (owner id, seed, number of actions) of the page now loaded
 
     @classmethod
@@ -128,6 +127,7 @@ class _Browser:
         inst.wait()
 
     def reset(self, seed: int):
+        self._script(f"core.EPISODE_MAX_TIME = {NO_TIMEOUT_MS};")   # read when the episode starts
         obs, _ = self.env.reset(seed=seed)
         return obs
 
