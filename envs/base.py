@@ -53,6 +53,36 @@ class Task:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
+# ----------------------------------------------------------------------------- the shared state format
+def render_state_lines(lines: dict[str, str], actions: list[str]) -> str:
+    """The abstract state every environment shares: one `aspect: value` line per aspect, then the
+    admissible actions. Agent and experience-model prompts are written against this format, so a
+    TextWorld room, an ALFWorld receptacle and a web page all look alike to them."""
+    out = [f"{name}: {value}" for name, value in lines.items()]
+    out.append(f"actions: {' | '.join(actions) if actions else 'none'}")
+    return "\n".join(out)
+
+
+def join_items(items: list[str], empty: str = "nothing") -> str:
+    return "; ".join(items) if items else empty
+
+
+def parse_state_actions(state: str) -> list[str] | None:
+    """Admissible actions listed in an abstract state (real or dreamed); None if no such line."""
+    for line in state.splitlines():
+        if line.startswith("actions:"):
+            body = line[len("actions:"):].strip()
+            return [] if body == "none" else [a.strip() for a in body.split("|") if a.strip()]
+    return None
+
+
+def replace_feedback(state: str, feedback: str) -> str:
+    lines = state.splitlines()
+    if lines and lines[0].startswith("feedback:"):
+        lines[0] = f"feedback: {feedback}"
+    return "\n".join(lines)
+
+
 class TextEnv(Protocol):
     def reset(self, task: Task) -> tuple[str, dict]: ...
     def step(self, action: str) -> tuple[str, float, bool, dict]: ...

@@ -1,13 +1,16 @@
 """Collect offline real trajectories: the paper's "offline real-world data" that seeds everything.
 
 The paper mixes expert demonstrations with oracle/random play so the data holds successes and
-failures; we do the same with three policies in the real environment:
-  expert  follows the game's gold action sequence,
-  noisy   the expert, but each step is a random admissible action with probability `epsilon`,
-  random  uniform over admissible actions, and with probability `p_invalid` an inadmissible one
-          (so the experience model sees what invalid actions do: the episode fails).
+failures; we do the same with four policies in the real environment:
+  expert    follows the env's gold action sequence (`env.gold_actions()`),
+  noisy     the expert, but each step is a random admissible action with probability `epsilon`,
+  random    uniform over admissible actions, and with probability `p_invalid` an inadmissible one
+            (so the experience model sees what invalid actions do: the episode fails),
+  filtered  random play over admissible actions, kept only when it succeeds (up to `max_tries`
+            attempts per kept trajectory): the successes for environments without an expert.
 One JSON object per transition, deterministic given the seed. Run:
     python -m envs.collect --env twc --out data/offline/twc.jsonl
+    python -m envs.collect --env miniwob:click-button --expert 20 --noisy 20 --random 20
 """
 from __future__ import annotations
 
@@ -15,13 +18,14 @@ import argparse
 import json
 import os
 import random
+import re
 from collections import Counter, defaultdict
 
 from tqdm import tqdm
 
-from . import FOLD_SEEDS, Task, make_env
+from . import FOLD_SEEDS, Task, make_env, task_seeds
 
-POLICIES = ("expert", "noisy", "random")
+POLICIES = ("expert", "noisy", "random", "filtered")
 
 
 def _choose(policy, rng, admissible, gold, pointer, epsilon, p_invalid, pool):
@@ -44,7 +48,7 @@ def _choose(policy, rng, admissible, gold, pointer, epsilon, p_invalid, pool):
 def rollout(env, task: Task, policy: str, rng: random.Random, epsilon=0.3, p_invalid=0.1,
             pool=()) -> list[dict]:
     state, info = env.reset(task)
-    gold = [a for a in env.gold_actions()] if policy != "random" else []
+    gold = list(env.gold_actions()) if policy in ("expert", "noisy") else []
     task = Task(**{**task.to_dict(), "instruction": info["instruction"]})
     traj, pointer, done, t = [], 0, False, 0
     while not done:
@@ -57,22 +61,55 @@ def rollout(env, task: Task, policy: str, rng: random.Random, epsilon=0.3, p_inv
     return traj
 
 
+def _seeds(env_spec, fold, n, rng) -> list[int]:
+    """n distinct seeds of the fold when it has that many, else each seed in turn (small game sets)."""
+    pool = list(task_seeds(env_spec, fold))
+    if not pool:
+        raise ValueError(f"{env_spec} has no tasks in the {fold} fold")
+    if n <= len(pool):
+        return rng.sample(pool, n)
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+def _filtered(env, task, rng, max_tries) -> tuple[list[dict], int]:
+    """Random admissible play until a trajectory succeeds; ([], tries) when none does."""
+    for k in range(1, max_tries + 1):
+        traj = rollout(env, task, "random", rng, p_invalid=0.0)
+        if traj[-1]["success"]:
+            for tr in traj:
+                tr["policy"] = "filtered"
+            return traj, k
+    return [], max_tries
+
+
 def collect(env_spec: str, n_expert: int, n_noisy: int, n_random: int, fold="train", seed=0,
-            epsilon=0.3, p_invalid=0.1, progress=True) -> list[dict]:
-    """Trajectories on distinct seeds of `fold`, policies interleaved; returns flat transitions."""
+            epsilon=0.3, p_invalid=0.1, progress=True, n_filtered: int = 0, max_tries: int = 50) -> list[dict]:
+    """Trajectories on distinct seeds of `fold` (cycled if the fold is small), policies interleaved;
+    returns flat transitions."""
     rng = random.Random(seed)
-    seeds = rng.sample(list(FOLD_SEEDS[fold]), n_expert + n_noisy + n_random)
-    plan = ["expert"] * n_expert + ["noisy"] * n_noisy + ["random"] * n_random
+    plan = ["expert"] * n_expert + ["noisy"] * n_noisy + ["random"] * n_random + ["filtered"] * n_filtered
+    seeds = _seeds(env_spec, fold, len(plan), rng)
     env = make_env(env_spec)
-    out, pool = [], []
-    for i, (s, policy) in enumerate(tqdm(list(zip(seeds, plan)), desc=f"collect {env_spec}",
-                                         disable=not progress)):
-        traj = rollout(env, Task(env_spec, fold, s), policy, rng, epsilon, p_invalid, pool)
-        for tr in traj:
-            tr["traj"] = f"{env_spec}/{fold}/{s}/{policy}"
+    if (n_expert or n_noisy) and not getattr(env, "has_expert", hasattr(env, "gold_actions")):
+        raise ValueError(f"{env_spec} has no expert (gold_actions); collect with --random and --filtered")
+    out, pool, seen, tries = [], [], Counter(), 0
+    for s, policy in tqdm(list(zip(seeds, plan)), desc=f"collect {env_spec}", disable=not progress):
+        task = Task(env_spec, fold, s)
+        if policy == "filtered":
+            traj, k = _filtered(env, task, rng, max_tries)
+            tries += k
+        else:
+            traj = rollout(env, task, policy, rng, epsilon, p_invalid, pool)
+        name = f"{env_spec}/{fold}/{s}/{policy}"
+        seen[name] += 1
+        for tr in traj:   # a repeated (seed, policy) pair gets its own trajectory id
+            tr["traj"] = name if seen[name] == 1 else f"{name}#{seen[name] - 1}"
         pool = list({*pool[-200:], *(a for tr in traj for a in tr["admissible"])})  # other games' actions
         pool.sort()
         out.extend(traj)
+    if n_filtered:
+        kept = len({tr["traj"] for tr in out if tr["policy"] == "filtered"})
+        print(f"filtered: kept {kept} successful random trajectories of {n_filtered} wanted in {tries} tries")
     return out
 
 
@@ -129,14 +166,18 @@ def main(argv=None):
     p.add_argument("--expert", type=int, default=400)
     p.add_argument("--noisy", type=int, default=400)
     p.add_argument("--random", type=int, default=200)
+    p.add_argument("--filtered", type=int, default=0, help="successful random trajectories to keep")
+    p.add_argument("--max-tries", type=int, default=50, help="random attempts per filtered trajectory")
     p.add_argument("--epsilon", type=float, default=0.3)
     p.add_argument("--p-invalid", type=float, default=0.1)
     p.add_argument("--fold", default="train", choices=sorted(FOLD_SEEDS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    rows = collect(a.env, a.expert, a.noisy, a.random, a.fold, a.seed, a.epsilon, a.p_invalid)
-    out = a.out or f"data/offline/{a.env.replace(':', '_')}-{a.fold}-{a.seed}.jsonl"
+    rows = collect(a.env, a.expert, a.noisy, a.random, a.fold, a.seed, a.epsilon, a.p_invalid,
+                   n_filtered=a.filtered, max_tries=a.max_tries)
+    name = re.sub(r"[^\w.=,-]+", "_", a.env)   # specs may hold paths or URLs
+    out = a.out or f"data/offline/{name}-{a.fold}-{a.seed}.jsonl"
     write_jsonl(out, rows)
     print_summary(rows)
     print(f"wrote {len(rows)} transitions to {out}")

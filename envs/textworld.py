@@ -19,7 +19,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from .base import Task
+from .base import Task, join_items, parse_state_actions, render_state_lines, replace_feedback  # noqa: F401
 
 # Presets: small instances so CPU runs are quick; any parameter can be overridden in the spec string,
 # e.g. "twc:numItemsToPutAway=2,numLocations=2,max_steps=20".
@@ -163,23 +163,9 @@ def feedback_of(observation: str) -> str:
 def render_state(feedback: str, room: str, things: list[str], exits: list[str], inventory: list[str],
                  actions: list[str]) -> str:
     """The abstract state: one line per aspect. Shared format for real and dreamed states."""
-    return "\n".join([
-        f"feedback: {feedback or '-'}",
-        f"room: {room or '-'}",
-        f"you see: {'; '.join(things) if things else 'nothing'}",
-        f"exits: {'; '.join(exits) if exits else 'none'}",
-        f"inventory: {'; '.join(inventory) if inventory else 'nothing'}",
-        f"actions: {' | '.join(actions) if actions else 'none'}",
-    ])
-
-
-def parse_state_actions(state: str) -> list[str] | None:
-    """Admissible actions listed in an abstract state (real or dreamed); None if no such line."""
-    for line in state.splitlines():
-        if line.startswith("actions:"):
-            body = line[len("actions:"):].strip()
-            return [] if body == "none" else [a.strip() for a in body.split("|") if a.strip()]
-    return None
+    return render_state_lines({"feedback": feedback or "-", "room": room or "-", "you see": join_items(things),
+                               "exits": join_items(exits, "none"), "inventory": join_items(inventory)},
+                              actions)
 
 
 def abstract_state(observation: str, info: dict) -> str:
@@ -309,9 +295,3 @@ class TextWorldEnv:
         self.backend.key = None
         return gold
 
-
-def replace_feedback(state: str, feedback: str) -> str:
-    lines = state.splitlines()
-    if lines and lines[0].startswith("feedback:"):
-        lines[0] = f"feedback: {feedback}"
-    return "\n".join(lines)

@@ -1,0 +1,205 @@
+"""The web adapters: MiniWoB++ in a real headless Chromium, WebShop and WebArena-Lite against their
+real servers. Each runs only where its real thing is here and otherwise skips saying what is missing;
+the element-list helpers they share (envs/web.py) are plain functions, tested everywhere."""
+import importlib.util
+import os
+import re
+import shutil
+import urllib.request
+
+import pytest
+
+from envs import Task, make_env
+from envs import web
+
+
+# ----------------------------------------------------------------------------- envs/web.py
+def test_action_grammar():
+    assert web.parse_action("click [6]") == ("click", "6", None)
+    assert web.parse_action("type [a12] New York") == ("type", "a12", "New York")
+    for bad in ("click [6] extra", "type [5]", "click 6", "press [6]", "", None):
+        assert web.parse_action(bad) is None
+
+
+def test_candidates_and_admissible():
+    texts = web.candidate_texts('Enter the username "ann" and the password "x|y;z"', ["ann", "q1"])
+    assert texts == ["ann", "x/y,z", "q1"], "de-duplicated, separators of the state format removed"
+    els = [web.Element("5", "TEXTBOX", "tt (empty)", typeable=True), web.Element("6", "BUTTON", "Submit")]
+    assert web.admissible(els, ["ann"]) == ["click [5]", "click [6]", "type [5] ann"]
+    state = web.render("-", "", els, web.admissible(els, ["ann"]))
+    assert state.splitlines() == ["feedback: -", "page: -", "elements: [5] TEXTBOX: tt (empty); [6] BUTTON: Submit",
+                                  "actions: click [5] | click [6] | type [5] ann"]
+
+
+def test_select_keeps_page_order_and_prefers_instruction_words():
+    els = [web.Element(str(i), "LINK", f"item {i}") for i in range(30)] + [web.Element("99", "BUTTON", "Checkout")]
+    kept = web.select(els, "go to checkout", k=10)
+    assert len(kept) == 10 and kept[-1].id == "99" and [e.id for e in kept[:-1]] == [str(i) for i in range(9)]
+
+
+# ----------------------------------------------------------------------------- MiniWoB++ (real Chromium)
+def _miniwob_missing() -> str | None:
+    if importlib.util.find_spec("miniwob") is None:
+        return "MiniWoB++ is optional: pip install -r requirements-envs.txt"
+    chrome = os.environ.get("MINIWOB_CHROME_BINARY") or shutil.which("chromium")
+    driver = os.environ.get("MINIWOB_CHROMEDRIVER") or shutil.which("chromedriver")
+    if not (chrome and driver):
+        return "no Chromium/ChromeDriver: apt-get install -y chromium chromium-driver (or set MINIWOB_CHROME_BINARY and MINIWOB_CHROMEDRIVER)"
+    return None
+
+
+needs_miniwob = pytest.mark.skipif(_miniwob_missing() is not None, reason=str(_miniwob_missing()))
+
+
+def _elements(state: str) -> dict[str, tuple[str, str]]:
+    """Parse the state's element line: {id: (TYPE, description)}."""
+    line = next(ln for ln in state.splitlines() if ln.startswith("elements:"))[len("elements: "):]
+    return {m[0]: (m[1], m[2]) for m in re.findall(r"\[(\S+)\] (\w+): ([^;]*)", line)}
+
+
+def read_and_solve(state: str, instruction: str) -> list[str]:
+    """A solver that reads only the abstract state: type the quoted text into the text box if
+    there is one and press the button, else click the element named in quotes."""
+    target = re.search(r'"([^"]+)"', instruction).group(1)
+    els = _elements(state)
+    box = next((i for i, (t, _) in els.items() if t == "TEXTBOX"), None)
+    if box is not None:
+        button = next(i for i, (t, _) in els.items() if t == "BUTTON")
+        return [f"type [{box}] {target}", f"click [{button}]"]
+    return [next(f"click [{i}]" for i, (_, d) in els.items() if d.strip() == target)]
+
+
+@needs_miniwob
+@pytest.mark.parametrize("task", ["click-button", "click-link", "enter-text"])
+def test_miniwob_reset_step_success_from_the_element_list(task):
+    spec = f"miniwob:{task}"
+    env = make_env(spec)
+    for seed in (0, 1):
+        state, info = env.reset(Task(spec, "train", seed))
+        assert info["instruction"] and '"' in info["instruction"]
+        lines = state.splitlines()
+        assert [ln.split(":")[0] for ln in lines] == ["feedback", "page", "elements", "actions"]
+        assert lines[-1] == "actions: " + " | ".join(info["admissible"])
+        assert 1 <= len(_elements(state)) <= web.MAX_ELEMENTS
+        plan = read_and_solve(state, info["instruction"])
+        for i, a in enumerate(plan):
+            assert a in info["admissible"], (a, info["admissible"])
+            state, r, done, info = env.step(a)
+            assert (r, done) == ((1.0, True) if i == len(plan) - 1 else (0.0, False)), (a, state)
+        assert info["success"] and "Episode over: task complete" in state
+
+
+@needs_miniwob
+@pytest.mark.parametrize("task", ["login-user", "click-checkboxes", "click-tab", "click-dialog", "focus-text"])
+def test_miniwob_scripted_experts_solve(task):
+    spec = f"miniwob:{task}"
+    env = make_env(spec)
+    for seed in (3, 4):
+        _, info = env.reset(Task(spec, "train", seed))
+        gold = env.gold_actions()
+        total = 0.0
+        for a in gold:
+            assert a in info["admissible"], (a, info["admissible"])
+            _, r, done, info = env.step(a)
+            total += r
+        assert done and total == 1.0 and info["success"], (task, seed, gold)
+
+
+@needs_miniwob
+def test_miniwob_wrong_click_fails_and_invalid_action_ends_episode():
+    spec = "miniwob:click-link"
+    env = make_env(spec)
+    state, info = env.reset(Task(spec, "train", 2))
+    target = re.search(r'"([^"]+)"', info["instruction"]).group(1)
+    wrong = next(f"click [{i}]" for i, (_, d) in _elements(state).items() if d.strip() != target)
+    state, r, done, info = env.step(wrong)
+    assert done and r == 0.0 and not info["success"] and "task failed" in state
+    env.reset(Task(spec, "train", 2))
+    state, r, done, info = env.step("click [999]")
+    assert done and r == 0.0 and info["invalid"] and state.startswith("feedback: Invalid action: click [999].")
+    env = make_env(spec, invalid_action="step")
+    s0, _ = env.reset(Task(spec, "train", 2))
+    s, r, done, info = env.step(None)
+    assert not done and info["invalid"] and s.splitlines()[1:] == s0.splitlines()[1:]
+
+
+@needs_miniwob
+def test_miniwob_episodes_share_a_browser_and_stay_independent():
+    """Interleaved episodes of one task (one Chromium) see what each would see alone."""
+    spec = "miniwob:login-user"
+    alone = []
+    for seed in (5, 6):
+        e = make_env(spec)
+        _, info = e.reset(Task(spec, "train", seed))
+        alone.append(e.step(info["admissible"][-1])[0])
+    a, b = make_env(spec), make_env(spec)
+    _, ia = a.reset(Task(spec, "train", 5))
+    _, ib = b.reset(Task(spec, "train", 6))
+    sa = a.step(ia["admissible"][-1])[0]
+    sb = b.step(ib["admissible"][-1])[0]
+    assert [sa, sb] == alone
+
+
+@needs_miniwob
+def test_miniwob_collect_expert_and_filtered_random():
+    from envs.collect import collect, summary
+    rows = collect("miniwob:click-button", 2, 1, 2, progress=False, seed=3)
+    per = summary(rows)
+    assert per["miniwob:click-button/expert"]["success_rate"] == 1.0
+    rows = collect("miniwob:click-test-2", 0, 0, 0, progress=False, n_filtered=2, max_tries=30)
+    kept = summary(rows)["miniwob:click-test-2/filtered"]
+    assert kept["trajectories"] == 2 and kept["success_rate"] == 1.0
+    with pytest.raises(ValueError, match="no expert"):
+        collect("miniwob:click-test-2", 1, 0, 0, progress=False)
+
+
+# ----------------------------------------------------------------------------- WebShop (real server)
+def _webshop_missing() -> str | None:
+    url = os.environ.get("WEBSHOP_URL")
+    if not url:
+        return ("no WebShop server: run WebShop from its repository (princeton-nlp/WebShop, port 3000) "
+                "and set WEBSHOP_URL=http://host:3000")
+    try:
+        urllib.request.urlopen(url.rstrip("/") + "/dg_fixed_0", timeout=10).read()
+    except Exception as e:  # noqa: BLE001 -- any failure means: not reachable
+        return f"WEBSHOP_URL={url} is not reachable: {e}"
+    return None
+
+
+@pytest.mark.skipif(_webshop_missing() is not None, reason=str(_webshop_missing()))
+def test_webshop_search_click_buy_against_the_real_server():
+    env = make_env("webshop")
+    state, info = env.reset(Task("webshop", "test", 0))
+    assert info["instruction"] and state.splitlines()[-1] == "actions: " + " | ".join(info["admissible"])
+    state, r, done, info = env.step(info["admissible"][0])            # the listed search
+    assert not done and "page: search results" in state
+    product = next(a for a in info["admissible"] if re.fullmatch(r"click\[b[0-9a-z]{9}\]", a))
+    state, r, done, info = env.step(product)
+    assert "page: item page" in state and "click[buy now]" in info["admissible"]
+    state, r, done, info = env.step("click[buy now]")
+    assert done and 0.0 <= r <= 1.0 and info["success"] == (r >= 1.0)
+    env.reset(Task("webshop", "test", 0))
+    _, r, done, info = env.step("click[nothing like this]")
+    assert done and info["invalid"] and r == 0.0
+
+
+# ----------------------------------------------------------------------------- WebArena-Lite (real servers)
+def _webarena_missing() -> str | None:
+    if importlib.util.find_spec("browsergym") is None or importlib.util.find_spec("browsergym.webarenalite") is None:
+        return "BrowserGym's WebArena-Lite is optional: pip install -r requirements-webarena.txt (see envs/README.md)"
+    from envs.webarena import missing_servers
+    if missing_servers():
+        return f"no WebArena servers here (they run on the user's machines): set {', '.join(missing_servers())}"
+    return None
+
+
+@pytest.mark.skipif(_webarena_missing() is not None, reason=str(_webarena_missing()))
+def test_webarena_lite_reset_and_step_against_the_real_servers():
+    env = make_env("webarena")
+    state, info = env.reset(Task("webarena", "test", 0))
+    els = _elements(state)
+    assert info["instruction"] and 1 <= len(els) <= web.MAX_ELEMENTS
+    state, r, done, info = env.step(info["admissible"][0])
+    assert r in (0.0, 1.0) and state.splitlines()[-1].startswith("actions:")
+    state, r, done, info = env.step("stop [N/A]")
+    assert done and r in (0.0, 1.0)
