@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from envs.base import StepResult, Task
+from envs.base import StepResult, Task, parse_state_actions, replace_feedback
 
 # ============================================================================ 1. formats
 AGENT_SYSTEM = ("You are an agent in a text environment. Read the task and the state, think briefly, "
@@ -136,17 +136,17 @@ def task_target(task: Task) -> str:
 
 
 _TASK_RE = re.compile(r"^\s*<task>(.*?)</task>\s*<state>(.*?)</state>", re.S)
-REQUIRED_STATE_LINES = ("feedback:", "room:", "you see:", "exits:", "inventory:", "actions:")
+_STATE_LINE = re.compile(r"^[a-z][a-z ]*: \S")
 
 
 def well_formed_state(state: str) -> bool:
-    """A state has the six lines of the abstract-state format, in order, and at least one action."""
+    """The shared abstract-state format (envs/base.py): `aspect: value` lines, starting with the
+    feedback line and ending with the action list, which names at least one action."""
     lines = state.strip().split("\n")
-    if len(lines) != len(REQUIRED_STATE_LINES):
+    if len(lines) < 2 or not all(_STATE_LINE.match(ln) for ln in lines):
         return False
-    if not all(ln.startswith(p) for ln, p in zip(lines, REQUIRED_STATE_LINES)):
-        return False
-    return lines[-1].strip() not in ("actions:", "actions: none")
+    return lines[0].startswith("feedback:") and lines[-1].startswith("actions:") and bool(
+        parse_state_actions(lines[-1]))
 
 
 def parse_task(text: str) -> tuple[str, str] | None:
@@ -154,15 +154,6 @@ def parse_task(text: str) -> tuple[str, str] | None:
     if not m or not m.group(1).strip() or not well_formed_state(m.group(2)):
         return None
     return m.group(1).strip(), m.group(2).strip()
-
-
-def state_actions(state: str) -> list[str] | None:
-    """The admissible actions a (real or dreamed) state lists, or None if it lists none."""
-    for line in state.split("\n"):
-        if line.startswith("actions:"):
-            body = line[len("actions:"):].strip()
-            return [] if body == "none" else [a.strip() for a in body.split("|") if a.strip()]
-    return None
 
 
 # ============================================================================ 2. records
@@ -650,13 +641,6 @@ class ExpResult:
 FAILED_STEP = "The step could not be simulated; the episode fails."
 
 
-def replace_feedback(state: str, feedback: str) -> str:
-    lines = state.split("\n")
-    if lines and lines[0].startswith("feedback:"):
-        lines[0] = f"feedback: {feedback}"
-    return "\n".join(lines)
-
-
 class ExperienceModel:
     """M_exp: (task, history, state, action, top-k demos) -> reasoning R_t, s_t+1, r_t+1, done.
 
@@ -848,7 +832,7 @@ class DreamEnv:
         return [(s, self._info(i, False, False)) for i, s in enumerate(self.states)]
 
     def _info(self, i, success, invalid, transition=None):
-        return {"admissible": state_actions(self.states[i]) or [], "instruction": self.tasks[i].instruction,
+        return {"admissible": parse_state_actions(self.states[i]) or [], "instruction": self.tasks[i].instruction,
                 "success": success, "invalid": invalid, "transition": transition, "steps": self.steps[i]}
 
     def step(self, actions: dict[int, str | None]) -> dict[int, StepResult]:
@@ -857,7 +841,7 @@ class DreamEnv:
             if self.done[i]:
                 raise ValueError(f"episode {i} is already done")
             self.steps[i] += 1
-            listed = state_actions(self.states[i])
+            listed = parse_state_actions(self.states[i])
             if a is None or (listed is not None and a not in listed):
                 self.stats["invalid"] += 1
                 nxt = replace_feedback(self.states[i], f"Invalid action: {a if a else '(unparseable)'}.")

@@ -17,11 +17,12 @@ from collections import Counter
 import numpy as np
 
 import dreamgym as dg
-from envs import FOLD_SEEDS, Task, parse_spec
+import envs
+from envs import Task
 
 
 def eval_tasks(env: str, fold: str, n: int) -> list[Task]:
-    seeds = list(FOLD_SEEDS[fold])
+    seeds = list(envs.task_seeds(env, fold))
     if n > len(seeds):
         raise ValueError(f"the {fold} fold has only {len(seeds)} tasks")
     return [Task(env, fold, s) for s in seeds[:n]]
@@ -196,7 +197,7 @@ def main(argv=None):
         return
     dev = train.device_of(train.Config())
     if args.cmd == "agent":
-        parse_spec(args.env)
+        envs.max_steps(args.env)
         agent = train.load_lm(train.Config(), args.ckpt, dev, trainable=False)
         print(json.dumps(evaluate_agent(agent, args.env, args.fold, args.episodes, args.history), indent=1))
     else:

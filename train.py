@@ -28,7 +28,8 @@ import torch
 from tqdm import tqdm
 
 import dreamgym as dg
-from envs import FOLD_SEEDS, Task, parse_spec
+import envs
+from envs import Task
 from envs.collect import collect, print_summary, read_jsonl, write_jsonl
 from models import ModelSpec, create_tiny, load_model, save_model, train_tokenizer
 
@@ -120,8 +121,8 @@ class Config:
             (0 < self.warm_share <= 1, "warm_share must be in (0, 1]"),
             (self.iterations >= 0 and self.tasks_per_iter >= 1, "iterations >= 0, tasks_per_iter >= 1"),
             (self.adv_scale in ("group", "batch", "none"), "adv_scale must be group, batch or none"),
-            (self.eval_fold in FOLD_SEEDS and self.curve_fold in FOLD_SEEDS, "unknown eval fold"),
-            (self.eval_fold != "train" and self.curve_fold != "train", "evaluate on held-out folds only"),
+            (self.eval_fold in ("dev", "test") and self.curve_fold in ("dev", "test"),
+             "evaluate on a held-out fold: dev or test"),
             (self.minibatches >= 1 and self.update_epochs >= 1, "minibatches, update_epochs >= 1"),
             (self.k >= 0 and self.history >= 0, "k and history must be >= 0"),
             (not (self.exp_endpoint and not self.exp_ckpt and not self.exp_endpoint_model),
@@ -130,7 +131,7 @@ class Config:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"config: {msg}")
-        parse_spec(self.env)        # raises on an unknown game or parameter
+        envs.max_steps(self.env)    # raises on an unknown environment, game or parameter
         return self
 
 
@@ -504,14 +505,14 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
         log.truncate_after(st.iteration)
         print(f"resumed from {ckdir} at iteration {st.iteration}")
     params_s = SamplingParams(temperature=cfg.temperature, max_new_tokens=64, stop=(dg.AGENT_STOP,))
-    spec = parse_spec(cfg.env)
+    max_steps = envs.max_steps(cfg.env)
     bar = tqdm(total=cfg.iterations, initial=min(st.iteration, cfg.iterations), desc=f"RL {cfg.mode}/{cfg.algo}")
     while (phase := next_phase(cfg, st)) is not None:
         st.phase = phase
         t0, exp_failed = time.time(), exp.stats["failed"] if exp else 0
         batch, groups = iteration_tasks(cfg, st, real_tasks, rng, st.phase)
         if st.phase == "dream":
-            env = dg.DreamEnv(exp, spec.max_steps, st.iteration)
+            env = dg.DreamEnv(exp, max_steps, st.iteration)
         else:
             env = dg.make_real_env(cfg.env, len(batch))
         episodes = dg.run_episodes(agent, env, batch, params_s, cfg.history, groups, generator=gen)

@@ -31,8 +31,8 @@ def test_task_format():
     assert dg.parse_task(dg.task_target(t)) == ("put things away", STATE)
     assert dg.parse_task("<task>x</task><state>room: kitchen</state>") is None
     assert dg.parse_task(f"<task> </task><state>{STATE}</state>") is None
-    assert dg.state_actions(STATE) == ["open fridge", "put coin in stove"]
-    assert dg.state_actions("room: x") is None
+    assert dg.parse_state_actions(STATE) == ["open fridge", "put coin in stove"]
+    assert dg.parse_state_actions("room: x") is None
 
 
 def test_prompts_keep_only_recent_history():
@@ -55,4 +55,4 @@ def test_parsers_never_raise_on_fuzzed_outputs(parts):
     out = dg.parse_exp(text)
     assert out is None or (0.0 <= out.reward <= 1.0 and out.next_state)
     dg.parse_task(text)
-    dg.state_actions(text)
+    dg.parse_state_actions(text)
