@@ -60,6 +60,8 @@ class Config:
     exp_ckpt: str = ""                # reuse a trained experience model (folder) instead of training one
     warm_ckpt: str = ""               # reuse a warm-started agent (folder) instead of behaviour cloning
     vocab_size: int = 2048
+    bpe_dropout: float = 0.1          # SFT only, tiny BPE models: learn to read unseen words (0 = off)
+    agent_init: str = "exp"           # tiny agent starts from: exp (M_exp's weights) | scratch
     # --- experience model
     k: int = 3                        # retrieved demonstrations
     history: int = 3                  # (action, feedback) pairs kept in prompts
@@ -125,6 +127,8 @@ class Config:
              "evaluate on a held-out fold: dev or test"),
             (self.minibatches >= 1 and self.update_epochs >= 1, "minibatches, update_epochs >= 1"),
             (self.k >= 0 and self.history >= 0, "k and history must be >= 0"),
+            (self.agent_init in ("exp", "scratch"), "agent_init must be exp or scratch"),
+            (0 <= self.bpe_dropout < 1, "bpe_dropout must be in [0, 1)"),
             (not (self.exp_endpoint and not self.exp_ckpt and not self.exp_endpoint_model),
              "--exp_endpoint needs --exp_endpoint_model"),
         ]
@@ -149,7 +153,8 @@ def parse_args(argv=None) -> Config:
 # ============================================================================ helpers
 def device_of(cfg: Config) -> torch.device:
     from models import default_device
-    return default_device() if cfg.device == "auto" else torch.device(cfg.device)
+    dev = default_device() if cfg.device == "auto" else torch.device(cfg.device)
+    return torch.device("cuda", DIST.local_rank) if dev.type == "cuda" else dev
 
 
 def seed_all(seed: int):
@@ -158,13 +163,71 @@ def seed_all(seed: int):
     torch.manual_seed(seed)
 
 
+class Dist:
+    """Data parallelism under torchrun (one process per GPU; gloo on CPU). Every rank holds the agent
+    and an M_exp replica and rolls out its share of the task groups (a GRPO group never straddles
+    ranks); gradients are summed across ranks before each optimizer step, new transitions and task
+    rewards are gathered so every rank's buffer and curriculum stay identical, and rank 0 alone
+    writes checkpoints, metrics and plots. With WORLD_SIZE unset it is a no-op."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1 and not torch.distributed.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(self.local_rank)
+            torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def gather(self, obj) -> list:
+        """Every rank's obj, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj):
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sum(self, x: float) -> float:
+        return float(sum(self.gather(x))) if self.world > 1 else float(x)
+
+    def sum_grads(self, params):
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is None:            # a rank with no tokens this step still joins the sum
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+
+
+DIST = Dist.__new__(Dist)                 # replaced in run(); a single process until then
+DIST.world, DIST.rank, DIST.local_rank = 1, 0, 0
+
+
 class Log:
-    """Metrics as JSONL (one object per event) + a printed line; plots are drawn from the file."""
+    """Metrics as JSONL (one object per event) + a printed line; plots are drawn from the file.
+    Only rank 0 writes."""
 
     def __init__(self, path: str):
         self.path = path
 
     def __call__(self, **row):
+        if not DIST.main:
+            return
         row = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -175,6 +238,8 @@ class Log:
 
     def truncate_after(self, iteration: int):
         """On resume: forget rows logged by iterations that the checkpoint does not contain."""
+        if not DIST.main:
+            return
         keep = [r for r in self.rows() if r.get("iteration", -1) < iteration or r.get("stage") != "rl"]
         write_jsonl(self.path, keep)
 
@@ -202,21 +267,32 @@ def seed_tasks(trajs: list[list[dg.Transition]]) -> list[Task]:
 
 
 # ============================================================================ SFT (experience model, warm start)
-def encode_examples(lm: dg.LocalLM, examples):
-    out = []
-    for system, user, target in examples:
-        prompt = lm.prefix(system)[1] + lm.user_ids(system, user)
-        out.append((prompt, lm.target_ids(target)))
-    return out
+def encode_examples(lm: dg.LocalLM, examples, bpe_dropout: float = 0.0):
+    """Token ids exactly as generation builds them: prefix + prompt, then the target.
+    With BPE-dropout (Provilkov et al., 2020) words are sometimes split into smaller pieces, so the
+    pieces get trained embeddings too: a tiny model can then read and copy words it never saw whole
+    (the dev and test folds hold objects the train fold does not). It applies to training only;
+    its randomness comes from the tokenizers library and cannot be seeded."""
+    model = getattr(lm.tokenizer, "backend_tokenizer", None)
+    model = getattr(model, "model", None)
+    use = bpe_dropout > 0 and hasattr(model, "dropout")
+    if use:
+        model.dropout = bpe_dropout
+    try:
+        return [(lm.prefix(system)[1] + lm.user_ids(system, user), lm.target_ids(target))
+                for system, user, target in examples]
+    finally:
+        if use:
+            model.dropout = None
 
 
 def sft(lm: dg.LocalLM, examples, epochs: float, lr: float, max_tokens: int, seed: int, desc: str,
-        log: Log | None = None) -> float:
+        log: Log | None = None, bpe_dropout: float = 0.0) -> float:
     """Supervised fine-tuning on (system, prompt, target): loss on target tokens only (Eq. 5: the
     prompt -- task, history, demos, state, action -- is never trained on). Returns the last loss."""
     model, dev = lm.model, next(lm.model.parameters()).device
-    data = encode_examples(lm, examples)
     rng = random.Random(seed)
+    data = encode_examples(lm, examples, bpe_dropout)
     batches = dg.token_batches(data, [len(p) + len(t) for p, t in data], max_tokens)
     steps = max(1, int(math.ceil(epochs * len(batches))))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -226,7 +302,10 @@ def sft(lm: dg.LocalLM, examples, epochs: float, lr: float, max_tokens: int, see
     model.train()
     order, ema = [], None
     for step in (bar := tqdm(range(steps), desc=desc, dynamic_ncols=True)):
-        if not order:
+        if not order:                     # a new epoch: fresh BPE-dropout segmentations, new order
+            if step > 0 and bpe_dropout > 0:
+                data = encode_examples(lm, examples, bpe_dropout)
+                batches = dg.token_batches(data, [len(p) + len(t) for p, t in data], max_tokens)
             order = list(range(len(batches)))
             rng.shuffle(order)
         b = batches[order.pop()]
@@ -287,8 +366,8 @@ def build_buffer(cfg: Config, trajs, encoder) -> dg.ReplayBuffer:
     computed once per dataset and cached beside it, so every run on the same data starts instantly."""
     from safetensors.numpy import load_file, save_file
     path = os.path.join(cfg.out, "buffer")
-    if os.path.exists(path + ".jsonl"):
-        return dg.ReplayBuffer.load(path, encoder, cfg.buffer_capacity)
+    if os.path.exists(path + ".jsonl"):      # only rank 0 writes the files; the others keep a copy in memory
+        return dg.ReplayBuffer.load(path, encoder, cfg.buffer_capacity, attach=DIST.main)
     flat = [t for tr in trajs for t in tr]
     cache = offline_path(cfg) + ".emb.safetensors"
     emb = load_file(cache)["emb"] if os.path.exists(cache) else None
@@ -325,7 +404,8 @@ def experience_model(cfg: Config, trajs, tasks, buffer, encoder, dev, log) -> dg
     examples = exp.sft_examples([t for tr in trajs for t in tr])
     if cfg.taskgen:
         examples += dg.TaskGenerator(lm).sft_examples(tasks, random.Random(cfg.seed), encoder)
-    sft(lm, examples, cfg.exp_epochs, cfg.exp_lr, cfg.exp_batch_tokens, cfg.seed, "sft experience model", log)
+    sft(lm, examples, cfg.exp_epochs, cfg.exp_lr, cfg.exp_batch_tokens, cfg.seed, "sft experience model", log,
+        cfg.bpe_dropout)
     save_model(lm.model, lm.tokenizer, path)
     for p in lm.model.parameters():
         p.requires_grad_(False)
@@ -343,10 +423,15 @@ def warm_start(cfg: Config, trajs, tasks, dev, log) -> tuple[dg.LocalLM, int]:
     n_real = sum(len(tr) for tr in share)
     if os.path.exists(os.path.join(path, "config.json")) or os.path.exists(os.path.join(path, "adapter_config.json")):
         return load_lm(cfg, path, dev, trainable=True), n_real
-    lm = init_model(cfg, "agent", trajs, tasks, dev)
+    exp_path = cfg.exp_ckpt or os.path.join(cfg.out, "exp_model")
+    if cfg.agent_init == "exp" and cfg.agent_model.startswith("tiny") and os.path.exists(exp_path):
+        lm = load_lm(cfg, exp_path, dev, trainable=True)     # a tiny model's only "pretraining"
+    else:
+        lm = init_model(cfg, "agent", trajs, tasks, dev)
     examples = [(dg.AGENT_SYSTEM, dg.agent_prompt(t.task.instruction, t.history, t.state, cfg.history),
                  dg.agent_target(t.reasoning, t.action)) for tr in share for t in tr]
-    sft(lm, examples, cfg.warm_epochs, cfg.warm_lr, cfg.warm_batch_tokens, cfg.seed, "warm start agent", log)
+    sft(lm, examples, cfg.warm_epochs, cfg.warm_lr, cfg.warm_batch_tokens, cfg.seed, "warm start agent", log,
+        cfg.bpe_dropout)
     save_model(lm.model, lm.tokenizer, path)
     lm.model.train()
     return lm, n_real
@@ -417,9 +502,8 @@ def update_policy(agent: dg.LocalLM, opt, episodes, cfg: Config, head: ValueHead
         order = list(range(len(items)))
         rng.shuffle(order)
         for mb_items in [order[i::cfg.minibatches] for i in range(cfg.minibatches)]:
-            if not mb_items:
-                continue
-            n_tok = sum(len(items[i][0].response_ids) for i in mb_items)
+            n_tok = DIST.sum(sum(len(items[i][0].response_ids) for i in mb_items))   # token-mean over all ranks
+            n_turns = DIST.sum(len(mb_items))
             for mb in dg.token_batches(mb_items, [len(items[i][0].prompt_ids) + len(items[i][0].response_ids)
                                                   for i in mb_items], cfg.max_tokens):
                 sel = [items[mb_items[j]] for j in mb]
@@ -435,7 +519,7 @@ def update_policy(agent: dg.LocalLM, opt, episodes, cfg: Config, head: ValueHead
                 loss = surr.sum() / n_tok
                 if head is not None:
                     ret = torch.tensor([r for _, _, r in sel], device=dev)
-                    vloss = 0.5 * ((values - ret) ** 2).sum() / len(mb_items)
+                    vloss = 0.5 * ((values - ret) ** 2).sum() / n_turns
                     loss = loss + cfg.vf_coef * vloss
                     stats["vloss"] += vloss.item()
                 loss.backward()
@@ -443,6 +527,9 @@ def update_policy(agent: dg.LocalLM, opt, episodes, cfg: Config, head: ValueHead
                 stats["clipfrac"] += clipped.float().sum().item()
                 stats["entropy"] += ent.detach().sum().item()
                 stats["tokens"] += len(adv)
+            if n_tok == 0:
+                continue
+            DIST.sum_grads(params)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -495,8 +582,8 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
     head = ValueHead(agent.model.config.hidden_size).to(dev) if cfg.algo == "ppo" else None
     params = [p for p in agent.model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
-    st, rng = RLState(phase="real" if cfg.mode == "real" else "dream"), random.Random(cfg.seed + 7)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    st, rng = RLState(), random.Random(cfg.seed + 7)          # rng: the same task draws on every rank
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * DIST.rank)   # each rank samples its own rollouts
     if os.path.exists(ckdir):
         if not cfg.resume:
             raise ValueError(f"{cfg.out} already holds a checkpoint: pass --resume to continue it, "
@@ -504,49 +591,54 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
         st, rng, gen = load_checkpoint(ckdir, agent, opt, head, buffer, rng, gen)
         log.truncate_after(st.iteration)
         print(f"resumed from {ckdir} at iteration {st.iteration}")
-    params_s = SamplingParams(temperature=cfg.temperature, max_new_tokens=64, stop=(dg.AGENT_STOP,))
+    sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=64, stop=(dg.AGENT_STOP,))
     max_steps = envs.max_steps(cfg.env)
-    bar = tqdm(total=cfg.iterations, initial=min(st.iteration, cfg.iterations), desc=f"RL {cfg.mode}/{cfg.algo}")
+    bar = tqdm(total=cfg.iterations, initial=min(st.iteration, cfg.iterations), desc=f"RL {cfg.mode}/{cfg.algo}",
+               disable=not DIST.main)
     while (phase := next_phase(cfg, st)) is not None:
         st.phase = phase
         t0, exp_failed = time.time(), exp.stats["failed"] if exp else 0
-        batch, groups = iteration_tasks(cfg, st, real_tasks, rng, st.phase)
-        if st.phase == "dream":
-            env = dg.DreamEnv(exp, max_steps, st.iteration)
-        else:
-            env = dg.make_real_env(cfg.env, len(batch))
-        episodes = dg.run_episodes(agent, env, batch, params_s, cfg.history, groups, generator=gen)
-        n_steps = sum(len(e.transitions) for e in episodes)
-        if st.phase == "real":
-            st.real_transitions += n_steps
-        else:
-            st.dream_transitions += n_steps
+        batch, groups = iteration_tasks(cfg, st, real_tasks, rng, phase)
+        n_generated = sum(t.synthetic for t in batch) // max(1, cfg.group_size)
+        mine = [i for i, g in enumerate(groups) if g % DIST.world == DIST.rank]     # this rank's groups
+        batch, groups = [batch[i] for i in mine], [groups[i] for i in mine]
+        env = dg.DreamEnv(exp, max_steps, st.iteration) if phase == "dream" else dg.make_real_env(cfg.env, len(batch))
+        episodes = dg.run_episodes(agent, env, batch, sampling, cfg.history, groups, generator=gen)
         upd = update_policy(agent, opt, episodes, cfg, head, ref)
-        if st.phase == "dream" and cfg.add_to_buffer and buffer is not None:
-            buffer.add([t for e in episodes for t in e.transitions if not t.invalid])
-        for g in sorted(set(groups)):
-            grp = [e for e in episodes if e.group == g]
-            st.task_rewards[grp[0].task.id] = [e.reward for e in grp]
-        row = dict(stage="rl", iteration=st.iteration, phase=st.phase,
-                   reward=float(np.mean([e.reward for e in episodes])),
-                   success=float(np.mean([e.success for e in episodes])),
-                   format_error=sum(e.format_errors for e in episodes) / max(1, sum(len(e.turns) for e in episodes)),
-                   turns=float(np.mean([len(e.turns) for e in episodes])),
-                   generated_tasks=sum(t.synthetic for t in batch) // max(1, cfg.group_size),
+        # keep every rank's buffer and curriculum identical: gather, then apply in rank order
+        shared = DIST.gather(([t.to_dict() for e in episodes for t in e.transitions],
+                              {e.task.id: [x.reward for x in episodes if x.group == e.group] for e in episodes},
+                              [(e.reward, e.success, e.format_errors, len(e.turns)) for e in episodes]))
+        transitions = [dg.Transition.from_dict(d) for rank_tr, _, _ in shared for d in rank_tr]
+        summary = [x for _, _, rank_sum in shared for x in rank_sum]
+        for _, rewards, _ in shared:
+            st.task_rewards.update(rewards)
+        if phase == "real":
+            st.real_transitions += len(transitions)
+        else:
+            st.dream_transitions += len(transitions)
+            if cfg.add_to_buffer and buffer is not None:
+                buffer.add([t for t in transitions if not t.invalid])
+        row = dict(stage="rl", iteration=st.iteration, phase=phase,
+                   reward=float(np.mean([x[0] for x in summary])), success=float(np.mean([x[1] for x in summary])),
+                   format_error=sum(x[2] for x in summary) / max(1, sum(x[3] for x in summary)),
+                   turns=float(np.mean([x[3] for x in summary])),
+                   generated_tasks=n_generated,
                    real_transitions=st.real_transitions, dream_transitions=st.dream_transitions,
                    exp_failed=(exp.stats["failed"] - exp_failed) if exp else 0, secs=round(time.time() - t0, 1),
                    **upd)
         st.iteration += 1
-        if st.phase == "dream" and cfg.taskgen and cfg.lam_tasks > 0 and st.iteration % cfg.taskgen_every == 0:
-            curriculum(cfg, st, exp, real_tasks, log)
+        if phase == "dream" and cfg.taskgen and cfg.lam_tasks > 0 and st.iteration % cfg.taskgen_every == 0:
+            if DIST.main:
+                curriculum(cfg, st, exp, real_tasks, log)
+            st.generated = DIST.broadcast(st.generated)
         if eval_fn is not None and cfg.eval_every and st.iteration % cfg.eval_every == 0:
-            row["curve_success"] = eval_fn(agent)
+            row["curve_success"] = eval_fn(agent) if DIST.main else None
         log(**row)
         bar.update(1)
-        if st.iteration % cfg.ckpt_every == 0:
+        if st.iteration % cfg.ckpt_every == 0 or next_phase(cfg, st) is None:
             save_checkpoint(ckdir, agent, opt, head, buffer, st, rng, gen)
     bar.close()
-    save_checkpoint(ckdir, agent, opt, head, buffer, st, rng, gen)
     return st
 
 
@@ -568,6 +660,10 @@ def save_checkpoint(path, agent, opt, head, buffer, st: RLState, rng, gen):
     written into a temporary folder and renamed into place: a kill at any moment leaves either the
     previous checkpoint or the new one, never a mix."""
     from safetensors.torch import save_file
+    gens = DIST.gather(gen.get_state())          # each rank samples with its own generator
+    if not DIST.main:
+        DIST.barrier()
+        return
     tmp = path + f".tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -575,7 +671,7 @@ def save_checkpoint(path, agent, opt, head, buffer, st: RLState, rng, gen):
     agent.tokenizer.save_pretrained(os.path.join(tmp, "agent"))
     tensors, meta = _opt_tensors(opt)
     save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
-    rngs = {"torch": torch.get_rng_state(), "gen": gen.get_state()}
+    rngs = {"torch": torch.get_rng_state(), **{f"gen{r}": g for r, g in enumerate(gens)}}
     if head is not None:
         save_file({k: v.contiguous() for k, v in head.state_dict().items()}, os.path.join(tmp, "value_head.safetensors"))
     save_file(rngs, os.path.join(tmp, "rng.safetensors"))
@@ -594,6 +690,7 @@ def save_checkpoint(path, agent, opt, head, buffer, st: RLState, rng, gen):
     shutil.rmtree(old, ignore_errors=True)
     if buffer is not None and buffer.path:
         buffer.save(buffer.path)
+    DIST.barrier()
 
 
 def _jsonable(x):
@@ -627,7 +724,9 @@ def load_checkpoint(path, agent, opt, head, buffer, rng, gen):
         head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors")))
     rngs = load_file(os.path.join(path, "rng.safetensors"))
     torch.set_rng_state(rngs["torch"])
-    gen.set_state(rngs["gen"])
+    if f"gen{DIST.rank}" not in rngs:
+        raise ValueError(f"{path} was written by fewer ranks than this run has: resume with the same world size")
+    gen.set_state(rngs[f"gen{DIST.rank}"])
     random.setstate(_tuple(state["python_rng"]))
     rng.setstate(_tuple(state["task_rng"]))
     n = state["numpy_rng"]
@@ -635,7 +734,7 @@ def load_checkpoint(path, agent, opt, head, buffer, rng, gen):
     if buffer is not None:
         snap = dg.ReplayBuffer.load(os.path.join(path, "buffer"), buffer.encoder, buffer.capacity, attach=False)
         buffer.items, buffer.emb = snap.items, snap.emb
-        if buffer.path:
+        if buffer.path and DIST.main:
             buffer.save(buffer.path)
     return RLState(**state["rl"]), rng, gen
 
@@ -694,30 +793,53 @@ def plot_curves(log: Log, path: str):
     plt.close(fig)
 
 
+def write_json(path: str, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def fingerprint(agent: dg.LocalLM, buffer) -> dict:
+    """What every rank must agree on after training: a digest of the weights and of the buffer."""
+    import hashlib
+    h = hashlib.sha256()
+    for n, p in sorted(agent.model.state_dict().items()):
+        h.update(n.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    b = hashlib.sha256("".join(json.dumps(t.to_dict()) for t in buffer.items).encode()) if buffer else None
+    return {"weights": h.hexdigest(), "buffer": b.hexdigest() if b else None, "buffer_len": len(buffer or [])}
+
+
 def run(cfg: Config) -> dict:
     """The whole pipeline for one config; returns the results (also written to results.json)."""
+    global DIST
     from eval import evaluate_agent
+    DIST = Dist()
     os.makedirs(cfg.out, exist_ok=True)
-    cfg_path = os.path.join(cfg.out, "config.json")
-    if cfg.resume and not os.path.exists(os.path.join(cfg.out, "ckpt")):
-        print(f"--resume: no checkpoint in {cfg.out} yet, starting the RL stage from the beginning")
-    with open(cfg_path, "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    if DIST.main:
+        write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
     seed_all(cfg.seed)
     dev = device_of(cfg)
     log = Log(os.path.join(cfg.out, "metrics.jsonl"))
     res_path = os.path.join(cfg.out, "results.json")
     results = json.load(open(res_path)) if os.path.exists(res_path) else {}
 
+    # stages before RL: rank 0 builds and caches each artifact, the other ranks then load them
+    if not DIST.main:
+        DIST.barrier()
     trajs = annotated_trajectories(cfg)
     tasks = seed_tasks(trajs)
     encoder = dg.Encoder() if (cfg.retrieval or cfg.taskgen) else None
     buffer = build_buffer(cfg, trajs, encoder) if cfg.retrieval else None
-    exp = experience_model(cfg, trajs, tasks, buffer, encoder, dev, log) if cfg.mode != "real" else None
+    # real-env RL needs no M_exp, but a tiny agent starts from its weights (agent_init="exp")
+    need_exp = cfg.mode != "real" or (cfg.agent_init == "exp" and cfg.agent_model.startswith("tiny"))
+    exp = experience_model(cfg, trajs, tasks, buffer, encoder, dev, log) if need_exp else None
     agent, n_warm = warm_start(cfg, trajs, tasks, dev, log)
+    if DIST.main:
+        DIST.barrier()
     results["offline_transitions"] = sum(len(t) for t in trajs)
     results["warm_transitions"] = n_warm
-    if "warm" not in results:
+    if "warm" not in results and DIST.main:
         results["warm"] = evaluate_agent(agent, cfg.env, cfg.eval_fold, cfg.eval_episodes, cfg.history)
         log(stage="eval", which="warm start", fold=cfg.eval_fold, **results["warm"])
     ref = None
@@ -725,15 +847,16 @@ def run(cfg: Config) -> dict:
         ref = load_lm(cfg, cfg.warm_ckpt or os.path.join(cfg.out, "agent_warm"), dev, trainable=False)
     curve = lambda a: evaluate_agent(a, cfg.env, cfg.curve_fold, cfg.curve_episodes, cfg.history)["success"]
     st = rl(cfg, agent, exp, buffer, tasks, dev, log, ref, curve)
-    results["final"] = evaluate_agent(agent, cfg.env, cfg.eval_fold, cfg.eval_episodes, cfg.history)
     results["rl_real_transitions"] = st.real_transitions
     results["rl_dream_transitions"] = st.dream_transitions
-    log(stage="eval", which="final", fold=cfg.eval_fold, **results["final"])
-    write_jsonl(res_path + ".tmp", [results])
-    with open(res_path, "w") as f:
-        json.dump(results, f, indent=1)
-    os.remove(res_path + ".tmp")
-    plot_curves(log, os.path.join(cfg.out, "curves.png"))
+    if DIST.world > 1:
+        write_json(os.path.join(cfg.out, f"rank{DIST.rank}.json"), fingerprint(agent, buffer))
+    if DIST.main:
+        results["final"] = evaluate_agent(agent, cfg.env, cfg.eval_fold, cfg.eval_episodes, cfg.history)
+        log(stage="eval", which="final", fold=cfg.eval_fold, **results["final"])
+        write_json(res_path, results)
+        plot_curves(log, os.path.join(cfg.out, "curves.png"))
+    DIST.barrier()
     return results
 
 
@@ -741,6 +864,8 @@ def main(argv=None):
     cfg = parse_args(argv)
     t0 = time.time()
     res = run(cfg)
+    if not DIST.main:
+        return
     from eval import format_table
     name = {"dream": "DreamGym", "real": "real-env", "s2r": "DreamGym-S2R"}[cfg.mode] + "-" + cfg.algo.upper()
     rows = [dict(method="SFT warm start", real_transitions=res["warm_transitions"],
