@@ -624,6 +624,7 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
                    format_error=sum(x[2] for x in summary) / max(1, sum(x[3] for x in summary)),
                    turns=float(np.mean([x[3] for x in summary])),
                    generated_tasks=n_generated,
+                   invalid_actions=sum(t.invalid for t in transitions),
                    real_transitions=st.real_transitions, dream_transitions=st.dream_transitions,
                    exp_failed=(exp.stats["failed"] - exp_failed) if exp else 0, secs=round(time.time() - t0, 1),
                    **upd)

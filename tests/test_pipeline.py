@@ -12,27 +12,11 @@ import torch
 
 import dreamgym as dg
 import train
+from conftest import tiny_cfg
 
 
-def tiny_cfg(root, name, **kw) -> train.Config:
-    base = dict(out=str(root / name), data_dir=str(root / "data"), offline_expert=10, offline_noisy=10,
-                offline_random=8, agent_model="tiny-s", exp_model="tiny-s", vocab_size=600, exp_epochs=1.0,
-                exp_batch_tokens=4096, warm_epochs=2.0, warm_batch_tokens=2048, iterations=2, tasks_per_iter=2,
-                group_size=3, eval_episodes=3, curve_episodes=2, eval_every=1, taskgen_every=1, taskgen_seeds=2,
-                taskgen_per_seed=2, lam_tasks=0.5, exp_max_tokens=96, max_tokens=4096, env="twc:max_steps=3")
-    base.update(kw)
-    return train.Config(**base).validate()
-
-
-@pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipe")
-    cfg = tiny_cfg(root, "a")
-    return root, cfg, train.run(cfg)
-
-
-def test_full_pipeline_writes_everything(first_run):
-    root, cfg, res = first_run
+def test_full_pipeline_writes_everything(tiny_run):
+    root, cfg, res = tiny_run
     assert set(res) >= {"warm", "final", "offline_transitions", "warm_transitions", "rl_real_transitions"}
     assert res["rl_real_transitions"] == 0, "DreamGym's RL consumes no real transitions"
     assert 0 <= res["final"]["success"] <= 1 and res["final"]["episodes"] == cfg.eval_episodes
@@ -48,12 +32,13 @@ def test_full_pipeline_writes_everything(first_run):
             "buffer.emb.safetensors"} <= files
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
     buf = [json.loads(x) for x in open(os.path.join(cfg.out, "buffer.jsonl"))]
-    assert sum(b["source"] == "dream" for b in buf) > 0, "synthetic transitions enrich the buffer"
-    assert len(buf) > res["offline_transitions"]
+    valid_dreamed = rl_rows[-1]["dream_transitions"] - sum(r["invalid_actions"] for r in rl_rows)
+    assert sum(b["source"] == "dream" for b in buf) == valid_dreamed, "valid synthetic transitions enrich the buffer"
+    assert sum(b["source"] == "real" for b in buf) == res["offline_transitions"]
 
 
-def test_dream_iteration_changes_the_policy_through_agent_tokens_only(first_run):
-    root, cfg, _ = first_run
+def test_dream_iteration_changes_the_policy_through_agent_tokens_only(tiny_run):
+    root, cfg, _ = tiny_run
     dev = torch.device("cpu")
     agent = train.load_lm(cfg, os.path.join(cfg.out, "agent_warm"), dev, trainable=True)
     exp = train.exp_model_of(cfg, train.load_lm(cfg, os.path.join(cfg.out, "exp_model"), dev, False), None)
@@ -85,8 +70,8 @@ def _state(cfg):
     return out
 
 
-def test_resume_after_a_crash_reaches_the_same_state(first_run, monkeypatch):
-    root, first, _ = first_run
+def test_resume_after_a_crash_reaches_the_same_state(tiny_run, monkeypatch):
+    root, first, _ = tiny_run
     shared = dict(exp_ckpt=os.path.join(first.out, "exp_model"), warm_ckpt=os.path.join(first.out, "agent_warm"),
                   iterations=3, eval_every=0)
     straight = tiny_cfg(root, "straight", **shared)
