@@ -442,14 +442,22 @@ Return JSON only: {{"task_tutorial": {{"plan": "...", "success_mode": "...", "fa
 with exactly {n} entries in transition_plan."""
 
 
+TEACHER_SYSTEM = "You explain trajectories of agents in text environments. You answer with JSON only."
+
+
 class TeacherAnnotator:
     """The paper's annotation: a strong LLM reads task, success flag and whole trajectory and returns
-    JSON with a task tutorial and one explanation per transition. `generate(prompts) -> texts` is any
-    backend (local model or endpoint). Malformed JSON is retried, then counted and skipped."""
+    JSON with a task tutorial and one explanation per transition. `lm` is any backend with the generic
+    call (LocalLM or EndpointLM). Malformed JSON is retried, then counted and skipped."""
 
-    def __init__(self, generate, retries: int = 1):
-        self.generate, self.retries = generate, retries
+    def __init__(self, lm, retries: int = 1, max_new_tokens: int = 1024):
+        from engine import SamplingParams
+        self.lm, self.retries = lm, retries
+        self.params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
         self.failures = 0
+
+    def generate(self, prompts: list[str]) -> list[str]:
+        return [g.text for g in self.lm.generate(TEACHER_SYSTEM, prompts, self.params)]
 
     def prompt(self, traj: list[Transition]) -> str:
         steps = "\n".join(f"{i + 1}. state: {feedback_line(t.state)} | action: {t.action} | "

@@ -61,7 +61,8 @@ def fidelity(exp: dg.ExperienceModel, transitions: list[dg.Transition], batch: i
     """Compare M_exp's predictions with held-out real transitions: reward and done accuracy (and the
     reward accuracy on the rare positive steps, which a constant-0 predictor gets all wrong),
     invalid-action detection (predicts a failure: done with reward 0), next-state exact match and
-    token F1 (valid actions), and the parse-failure rate."""
+    token F1 (valid actions), the share of first outputs that were malformed (parse_fail) and the share
+    still malformed after the one retry (failed)."""
     preds = []
     before = dict(exp.stats)
     for i in range(0, len(transitions), batch):
@@ -78,7 +79,9 @@ def fidelity(exp: dg.ExperienceModel, transitions: list[dg.Transition], batch: i
         invalid_detect=float(np.mean([p.done and p.reward < 0.5 for _, p in invalid])) if invalid else float("nan"),
         state_exact=float(np.mean([p.next_state.strip() == t.next_state.strip() for t, p in valid])) if valid else float("nan"),
         state_f1=float(np.mean([token_f1(p.next_state, t.next_state) for t, p in valid])) if valid else float("nan"),
-        parse_fail=(exp.stats["malformed"] - before.get("malformed", 0)) / max(1, len(transitions)),
+        # malformed counts every attempt; a query is retried once, and the retry's failures are `failed`
+        parse_fail=((exp.stats["malformed"] - before.get("malformed", 0)) -
+                    (exp.stats["failed"] - before.get("failed", 0))) / max(1, len(transitions)),
         failed=(exp.stats["failed"] - before.get("failed", 0)) / max(1, len(transitions)),
     )
 

@@ -62,6 +62,10 @@ class Config:
     vocab_size: int = 2048
     bpe_dropout: float = 0.1          # SFT only, tiny BPE models: learn to read unseen words (0 = off)
     agent_init: str = "exp"           # tiny agent starts from: exp (M_exp's weights) | scratch
+    # --- reasoning traces R*_t
+    annotator: str = "rule"           # rule (TextWorldExpress rules) | teacher (the paper: an LLM's JSON)
+    teacher_model: str = ""           # HF name/path, or the model name at teacher_endpoint
+    teacher_endpoint: str = ""        # OpenAI-compatible URL for the teacher
     # --- experience model
     k: int = 3                        # retrieved demonstrations
     history: int = 3                  # (action, feedback) pairs kept in prompts
@@ -128,6 +132,8 @@ class Config:
             (self.minibatches >= 1 and self.update_epochs >= 1, "minibatches, update_epochs >= 1"),
             (self.k >= 0 and self.history >= 0, "k and history must be >= 0"),
             (self.agent_init in ("exp", "scratch"), "agent_init must be exp or scratch"),
+            (self.annotator == "rule" or (self.annotator == "teacher" and self.teacher_model),
+             "annotator must be rule, or teacher with --teacher_model"),
             (0 <= self.bpe_dropout < 1, "bpe_dropout must be in [0, 1)"),
             (not (self.exp_endpoint and not self.exp_ckpt and not self.exp_endpoint_model),
              "--exp_endpoint needs --exp_endpoint_model"),
@@ -292,32 +298,34 @@ def sft(lm: dg.LocalLM, examples, epochs: float, lr: float, max_tokens: int, see
     prompt -- task, history, demos, state, action -- is never trained on). Returns the last loss."""
     model, dev = lm.model, next(lm.model.parameters()).device
     rng = random.Random(seed)
-    data = encode_examples(lm, examples, bpe_dropout)
+    data = DIST.broadcast(encode_examples(lm, examples, bpe_dropout))    # one segmentation for all ranks
     batches = dg.token_batches(data, [len(p) + len(t) for p, t in data], max_tokens)
-    steps = max(1, int(math.ceil(epochs * len(batches))))
+    steps = max(1, int(math.ceil(epochs * len(batches))) // DIST.world)   # each step: one batch per rank
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) *
                                               0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     model.train()
     order, ema = [], None
-    for step in (bar := tqdm(range(steps), desc=desc, dynamic_ncols=True)):
-        if not order:                     # a new epoch: fresh BPE-dropout segmentations, new order
+    for step in (bar := tqdm(range(steps), desc=desc, dynamic_ncols=True, disable=not DIST.main)):
+        if len(order) < DIST.world:       # a new epoch: fresh BPE-dropout segmentations, new order
             if step > 0 and bpe_dropout > 0:
-                data = encode_examples(lm, examples, bpe_dropout)
+                data = DIST.broadcast(encode_examples(lm, examples, bpe_dropout))
                 batches = dg.token_batches(data, [len(p) + len(t) for p, t in data], max_tokens)
             order = list(range(len(batches)))
             rng.shuffle(order)
-        b = batches[order.pop()]
+        b = batches[order[-1 - DIST.rank]]
+        del order[-DIST.world:]
         batch = dg.pack([data[i] for i in b], lm.tokenizer.pad_token_id, dev)
         logp, _, _ = dg.response_logprobs(model, batch)
-        loss = -logp.mean()
+        loss = -logp.mean() / DIST.world
         loss.backward()
+        DIST.sum_grads(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        ema = loss.item() * DIST.world if ema is None else 0.95 * ema + 0.05 * loss.item() * DIST.world
         bar.set_postfix(loss=f"{ema:.3f}")
         if log is not None and (step % 50 == 0 or step == steps - 1):
             log(stage=desc, step=step, loss=ema)
@@ -343,15 +351,29 @@ def init_model(cfg: Config, which: str, trajs, tasks, dev) -> dg.LocalLM:
     name = cfg.agent_model if which == "agent" else cfg.exp_model
     spec = ModelSpec(name=name, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r)
     if name.startswith("tiny"):
-        tok_dir = os.path.join(cfg.out, "tokenizer")
-        if not os.path.exists(tok_dir):
+        tok_dir, path = os.path.join(cfg.out, "tokenizer"), os.path.join(cfg.out, f"{which}_init")
+        if DIST.main and not os.path.exists(tok_dir):
             train_tokenizer(tokenizer_corpus(trajs, tasks), tok_dir, cfg.vocab_size)
-        path = os.path.join(cfg.out, f"{which}_init")
-        if not os.path.exists(path):
+        if DIST.main and not os.path.exists(path):
             create_tiny(path, tok_dir, preset=name, seed=cfg.seed + (0 if which == "agent" else 1))
+        DIST.barrier()                    # the other ranks load what rank 0 wrote
         name = path
     model, tok = load_model(name, spec, dev)
     return dg.LocalLM(model, tok)
+
+
+def is_checkpoint(path: str, given: str = "") -> bool:
+    """A saved model (full weights or LoRA adapter) at path? A path the user gave must be one."""
+    found = any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "adapter_config.json"))
+    if given and not found:
+        raise ValueError(f"{given} holds no saved model (config.json or adapter_config.json)")
+    return found
+
+
+def save_on_main(lm: dg.LocalLM, path: str):
+    if DIST.main:
+        save_model(lm.model, lm.tokenizer, path)
+    DIST.barrier()
 
 
 def load_lm(cfg: Config, path: str, dev, trainable: bool) -> dg.LocalLM:
@@ -396,7 +418,7 @@ def experience_model(cfg: Config, trajs, tasks, buffer, encoder, dev, log) -> dg
         lm = dg.EndpointLM(cfg.exp_endpoint, cfg.exp_endpoint_model)
         return exp_model_of(cfg, lm, buffer)
     path = cfg.exp_ckpt or os.path.join(cfg.out, "exp_model")
-    if os.path.exists(os.path.join(path, "config.json")) or os.path.exists(os.path.join(path, "adapter_config.json")):
+    if is_checkpoint(path, cfg.exp_ckpt):
         lm = load_lm(cfg, path, dev, trainable=False)
         return exp_model_of(cfg, lm, buffer)
     lm = init_model(cfg, "exp", trajs, tasks, dev)
@@ -406,7 +428,7 @@ def experience_model(cfg: Config, trajs, tasks, buffer, encoder, dev, log) -> dg
         examples += dg.TaskGenerator(lm).sft_examples(tasks, random.Random(cfg.seed), encoder)
     sft(lm, examples, cfg.exp_epochs, cfg.exp_lr, cfg.exp_batch_tokens, cfg.seed, "sft experience model", log,
         cfg.bpe_dropout)
-    save_model(lm.model, lm.tokenizer, path)
+    save_on_main(lm, path)
     for p in lm.model.parameters():
         p.requires_grad_(False)
     return exp
@@ -421,7 +443,7 @@ def warm_start(cfg: Config, trajs, tasks, dev, log) -> tuple[dg.LocalLM, int]:
     rng = random.Random(cfg.seed)
     share = rng.sample(wins, max(1, int(round(cfg.warm_share * len(wins)))))
     n_real = sum(len(tr) for tr in share)
-    if os.path.exists(os.path.join(path, "config.json")) or os.path.exists(os.path.join(path, "adapter_config.json")):
+    if is_checkpoint(path, cfg.warm_ckpt):
         return load_lm(cfg, path, dev, trainable=True), n_real
     exp_path = cfg.exp_ckpt or os.path.join(cfg.out, "exp_model")
     if cfg.agent_init == "exp" and cfg.agent_model.startswith("tiny") and os.path.exists(exp_path):
@@ -432,7 +454,7 @@ def warm_start(cfg: Config, trajs, tasks, dev, log) -> tuple[dg.LocalLM, int]:
                  dg.agent_target(t.reasoning, t.action)) for tr in share for t in tr]
     sft(lm, examples, cfg.warm_epochs, cfg.warm_lr, cfg.warm_batch_tokens, cfg.seed, "warm start agent", log,
         cfg.bpe_dropout)
-    save_model(lm.model, lm.tokenizer, path)
+    save_on_main(lm, path)
     lm.model.train()
     return lm, n_real
 
@@ -755,9 +777,18 @@ def fidelity_table(cfg: Config, fold: str, n_traj: int = 150) -> dict:
 def annotated_trajectories(cfg: Config):
     rows = offline_data(cfg)
     trajs = dg.trajectories(rows)
-    cache = os.path.join(cfg.data_dir, "offline", "reasoning-" + os.path.basename(offline_path(cfg)))
-    dg.annotate_offline(trajs, dg.RuleAnnotator(), cache)
-    return trajs
+    name = "reasoning-" if cfg.annotator == "rule" else f"teacher-{cfg.teacher_model.replace('/', '_')}-"
+    cache = os.path.join(cfg.data_dir, "offline", name + os.path.basename(offline_path(cfg)))
+    if cfg.annotator == "rule":
+        annotator = dg.RuleAnnotator()
+    elif cfg.teacher_endpoint:
+        annotator = dg.TeacherAnnotator(dg.EndpointLM(cfg.teacher_endpoint, cfg.teacher_model))
+    else:
+        annotator = dg.TeacherAnnotator(load_lm(cfg, cfg.teacher_model, device_of(cfg), trainable=False))
+    skipped = dg.annotate_offline(trajs, annotator, cache)
+    if skipped:
+        print(f"teacher annotation: {skipped} trajectories stayed malformed and are left without reasoning")
+    return [tr for tr in trajs if tr[0].reasoning or cfg.annotator == "rule"]
 
 
 def offline_path(cfg: Config) -> str:
@@ -826,18 +857,19 @@ def run(cfg: Config) -> dict:
     results = json.load(open(res_path)) if os.path.exists(res_path) else {}
 
     # stages before RL: rank 0 builds and caches each artifact, the other ranks then load them
+    # offline data and the buffer: rank 0 builds and caches them, then the other ranks load them
     if not DIST.main:
         DIST.barrier()
     trajs = annotated_trajectories(cfg)
     tasks = seed_tasks(trajs)
     encoder = dg.Encoder() if (cfg.retrieval or cfg.taskgen) else None
     buffer = build_buffer(cfg, trajs, encoder) if cfg.retrieval else None
+    if DIST.main:
+        DIST.barrier()
     # real-env RL needs no M_exp, but a tiny agent starts from its weights (agent_init="exp")
     need_exp = cfg.mode != "real" or (cfg.agent_init == "exp" and cfg.agent_model.startswith("tiny"))
     exp = experience_model(cfg, trajs, tasks, buffer, encoder, dev, log) if need_exp else None
     agent, n_warm = warm_start(cfg, trajs, tasks, dev, log)
-    if DIST.main:
-        DIST.barrier()
     results["offline_transitions"] = sum(len(t) for t in trajs)
     results["warm_transitions"] = n_warm
     if "warm" not in results and DIST.main:

@@ -1,0 +1,150 @@
+"""The experience model: SFT masking, malformed outputs, both backends (local and an OpenAI-compatible
+endpoint served on 127.0.0.1 by a real tiny model), teacher annotation, fidelity metrics."""
+import json
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+import dreamgym as dg
+import train
+from engine import SamplingParams
+from envs import Task
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_run):
+    root, cfg, _ = tiny_run
+    exp_lm = train.load_lm(cfg, os.path.join(cfg.out, "exp_model"), torch.device("cpu"), trainable=False)
+    trajs = train.annotated_trajectories(cfg)
+    return cfg, exp_lm, trajs
+
+
+class ChatServer:
+    """A minimal OpenAI-compatible /v1/chat/completions server in front of a LocalLM (a real model)."""
+
+    def __init__(self, lm):
+        self.lm, self.headers = lm, []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.headers.append(dict(self.headers))
+                msgs = {m["role"]: m["content"] for m in body["messages"]}
+                stop = tuple(body.get("stop") or ())
+                g = outer.lm.generate(msgs["system"], [msgs["user"]], SamplingParams(
+                    temperature=body["temperature"], max_new_tokens=body["max_tokens"], stop=stop))[0]
+                text = g.text[:-len(stop[0])] if g.finish_reason == "stop" and stop else g.text   # as OpenAI does
+                out = {"choices": [{"message": {"role": "assistant", "content": text},
+                                    "finish_reason": "stop" if g.finish_reason != "length" else "length"}]}
+                data = json.dumps(out).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_sft_scores_target_tokens_only(setup):
+    cfg, lm, trajs = setup
+    exp = train.exp_model_of(cfg, lm, None)
+    examples = exp.sft_examples([t for tr in trajs[:3] for t in tr])
+    data = train.encode_examples(lm, examples)
+    batch = dg.pack(data, lm.tokenizer.pad_token_id, "cpu")
+    assert batch["targets"].tolist() == [x for _, t in data for x in t], "only target tokens are scored"
+    logp, _, _ = dg.response_logprobs(lm.model, batch)
+    assert logp.shape[0] == sum(len(t) for _, t in data) and torch.isfinite(logp).all()
+    assert all(lm.tokenizer.decode(t).startswith("<think>") for _, t in data)
+    assert all(lm.tokenizer.decode(t).endswith(dg.EXP_STOP) for _, t in data)
+
+
+def test_sft_demos_never_come_from_the_same_trajectory(setup, tiny_run):
+    cfg, lm, trajs = setup
+    buf = train.build_buffer(cfg, trajs, dg.Encoder())
+    exp = train.exp_model_of(cfg, lm, buf)
+    flat = [t for tr in trajs for t in tr]
+    qs = [dg.ExpQuery(t.task, t.history, t.state, t.action) for t in flat]
+    demos = exp.demos(qs, exclude_traj=[t.traj for t in flat])
+    assert all(len(d) == cfg.k for d in demos)
+    assert all(d.traj != t.traj for t, ds in zip(flat, demos) for d in ds)
+
+
+def test_malformed_outputs_are_retried_counted_and_fail_the_step(setup):
+    cfg, _, trajs = setup
+    d = os.path.join(cfg.out, "exp_init")                 # an untrained model: its outputs are malformed
+    lm = train.load_lm(cfg, d, torch.device("cpu"), trainable=False)
+    exp = dg.ExperienceModel(lm, None, k=0, max_new_tokens=24)
+    t = trajs[0][0]
+    res = exp.step([dg.ExpQuery(t.task, t.history, t.state, t.action)] * 2)
+    assert [r.ok for r in res] == [False, False]
+    assert all(r.done and r.reward == 0.0 and dg.FAILED_STEP in r.next_state for r in res)
+    assert exp.stats["malformed"] == 4 and exp.stats["failed"] == 2, "one retry each, then counted"
+
+
+def test_endpoint_backend_matches_local_and_keeps_the_key_secret(setup, monkeypatch):
+    cfg, lm, trajs = setup
+    server = ChatServer(lm)
+    try:
+        monkeypatch.setenv("DREAMGYM_API_KEY", "s3cret")
+        remote = dg.EndpointLM(server.url, "tiny")
+        assert "s3cret" not in repr(remote)
+        qs = [dg.ExpQuery(t.task, t.history, t.state, t.action) for t in trajs[1][:3]]
+        local_res = dg.ExperienceModel(lm, None, k=0, max_new_tokens=200).step(qs)
+        remote_exp = dg.ExperienceModel(remote, None, k=0, max_new_tokens=200)
+        remote_res = remote_exp.step(qs)
+        assert [r.next_state for r in remote_res] == [r.next_state for r in local_res]
+        assert [(r.reward, r.done, r.ok) for r in remote_res] == [(r.reward, r.done, r.ok) for r in local_res]
+        assert all(h.get("Authorization") == "Bearer s3cret" for h in server.headers)
+        teacher = dg.TeacherAnnotator(remote, retries=1, max_new_tokens=16)
+        assert teacher.annotate_many([trajs[0]]) == [None], "a tiny model writes no valid JSON"
+        assert teacher.failures == 1
+        retries = remote_exp.stats["malformed"] - remote_exp.stats["failed"]
+        assert len(server.headers) == len(qs) + retries + 2, "one request per call and per retry"
+    finally:
+        server.close()
+
+
+def test_teacher_json_parsing():
+    ok = json.dumps({"task_tutorial": {"plan": "P.", "success_mode": "S.", "failure_mode": "F."},
+                     "transition_plan": ["first", "second"]})
+    assert dg.TeacherAnnotator.parse("Sure! " + ok, 2) == ["P. S. F. first", "second"]
+    assert dg.TeacherAnnotator.parse(ok, 3) is None
+    assert dg.TeacherAnnotator.parse("{not json}", 2) is None
+    assert dg.TeacherAnnotator.parse('{"transition_plan": [1, 2]}', 2) is None
+
+
+def test_rule_annotator_explains_changes():
+    s0 = ("feedback: -\nroom: kitchen\nyou see: fridge (closed); coin\nexits: none\ninventory: nothing\n"
+          "actions: open fridge | take coin")
+    s1 = "feedback: You take the coin.\nroom: kitchen\nyou see: fridge (closed)\nexits: none\ninventory: coin\nactions: open fridge"
+    t = dg.Transition(Task("coin", "train", 0), 0, s0, "take coin", s1, 1.0, True, success=True)
+    r = dg.RuleAnnotator().explain(t)
+    assert "coin goes into the inventory" in r and "reward is 1" in r
+    bad = dg.Transition(Task("coin", "train", 0), 0, s0, "fly", s0, 0.0, True, invalid=True)
+    assert "not one of the listed actions" in dg.RuleAnnotator().explain(bad)
+
+
+def test_fidelity_metrics(setup):
+    from eval import fidelity, token_f1
+    cfg, lm, trajs = setup
+    assert token_f1("a b c", "a b c") == 1.0 and token_f1("a", "b") == 0.0
+    exp = dg.ExperienceModel(lm, None, k=0, max_new_tokens=200)
+    flat = [t for tr in trajs[:4] for t in tr]
+    f = fidelity(exp, flat)
+    assert f["n"] == len(flat)
+    for key in ("reward_acc", "done_acc", "state_f1", "parse_fail"):
+        assert 0.0 <= f[key] <= 1.0
