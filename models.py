@@ -54,6 +54,7 @@ class ModelSpec:
     dtype: str = "auto"           # auto: bfloat16 on CUDA, float32 on CPU
     attn: str = "auto"            # auto | flash_attention_2 | sdpa | eager
     max_len: int = 1024           # context of tiny models
+    grad_ckpt: bool = False       # recompute activations in backward (real models: the update's memory)
 
     def validate(self):
         if self.lora_r < 0:
@@ -167,6 +168,9 @@ def load_model(path_or_name: str, spec: ModelSpec | None = None, device=None, tr
         model = get_peft_model(model, LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha,
                                                  lora_dropout=spec.lora_dropout,
                                                  target_modules=spec.lora_targets, task_type="CAUSAL_LM"))
+    if trainable and spec.grad_ckpt:
+        # non-reentrant checkpointing works with frozen 4-bit bases + LoRA without input-grad hooks
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train(trainable)
     for p in model.parameters():
         if not trainable:

@@ -349,7 +349,8 @@ def tokenizer_corpus(trajs, tasks) -> list[str]:
 def init_model(cfg: Config, which: str, trajs, tasks, dev) -> dg.LocalLM:
     """A fresh model for `which` (agent | exp): the tiny preset built from our corpus, or a real LM."""
     name = cfg.agent_model if which == "agent" else cfg.exp_model
-    spec = ModelSpec(name=name, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r)
+    spec = ModelSpec(name=name, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
+                     grad_ckpt=not name.startswith("tiny"))
     if name.startswith("tiny"):
         tok_dir, path = os.path.join(cfg.out, "tokenizer"), os.path.join(cfg.out, f"{which}_init")
         if DIST.main and not os.path.exists(tok_dir):
@@ -377,7 +378,8 @@ def save_on_main(lm: dg.LocalLM, path: str):
 
 
 def load_lm(cfg: Config, path: str, dev, trainable: bool) -> dg.LocalLM:
-    spec = ModelSpec(load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r)
+    tiny = cfg.agent_model.startswith("tiny") and cfg.exp_model.startswith("tiny")
+    spec = ModelSpec(load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, grad_ckpt=not tiny)
     model, tok = load_model(path, spec, dev, trainable=trainable)
     return dg.LocalLM(model, tok)
 

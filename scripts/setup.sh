@@ -3,6 +3,14 @@
 # Linux GPU machine the same pin is the CUDA build -- then also: pip install -r requirements-gpu.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! command -v java >/dev/null; then          # TextWorldExpress runs in a JVM (Java 17)
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless
+  else
+    echo "setup: Java 17 is required (TextWorldExpress): sudo apt-get install openjdk-17-jre-headless" >&2
+    exit 1
+  fi
+fi
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip

@@ -1,4 +1,6 @@
 """The built-in real environment (real TextWorldExpress games) and offline data collection."""
+import os
+
 import pytest
 
 from envs import BatchEnv, FOLD_SEEDS, Task, make_env, parse_spec
@@ -121,3 +123,10 @@ def test_collection_is_deterministic_and_mixed(tmp_path):
         f.write('{"broken": \n')
     with pytest.raises(ValueError, match=r"x.jsonl:\d+"):
         read_jsonl(path)
+
+
+def test_committed_sample_is_what_collection_produces():
+    """data/sample/ documents the offline format; it must stay what `envs.collect` writes today."""
+    sample = read_jsonl(os.path.join(os.path.dirname(__file__), "..", "data", "sample", "twc-train.jsonl"))
+    assert collect("twc", 3, 3, 2, "train", 0, progress=False) == sample
+    assert {t["policy"] for t in sample} == {"expert", "noisy", "random"}
