@@ -922,15 +922,16 @@ def make_real_env(spec: str, n: int, invalid_action: str = "fail"):
 
 
 # ============================================================================ 9. RL math
-def episode_advantages(episodes: list[Episode], scale: str = "group") -> torch.Tensor:
-    """GRPO: outcome reward normalised within each group of rollouts of the same task."""
+def episode_advantages(episodes: list[Episode], scale: str = "group", device="cpu") -> torch.Tensor:
+    """GRPO: outcome reward normalised within each group of rollouts of the same task
+    (on a CUDA device: the Triton kernel)."""
     from kernels import grpo_advantages
-    r = torch.tensor([e.reward for e in episodes], dtype=torch.float32)
-    g = torch.tensor([e.group for e in episodes], dtype=torch.int64)
-    return grpo_advantages(r, g, scale=scale)
+    r = torch.tensor([e.reward for e in episodes], dtype=torch.float32, device=device)
+    g = torch.tensor([e.group for e in episodes], dtype=torch.int64, device=device)
+    return grpo_advantages(r, g, scale=scale).cpu()
 
 
-def turn_gae(episodes: list[Episode], values: list[list[float]], gamma: float, lam: float):
+def turn_gae(episodes: list[Episode], values: list[list[float]], gamma: float, lam: float, device="cpu"):
     """PPO: GAE over an episode's turns, per-turn rewards and critic values -> (adv, returns) per turn."""
     from kernels import gae
     T = max(len(e.turns) for e in episodes)
@@ -942,7 +943,7 @@ def turn_gae(episodes: list[Episode], values: list[list[float]], gamma: float, l
         rew[b, :n] = torch.tensor([t.reward for t in e.turns])
         val[b, :n] = torch.tensor(v[:n])
         mask[b, :n] = 1
-    adv, ret = gae(rew, val, mask, gamma=gamma, lam=lam)
+    adv, ret = (x.cpu() for x in gae(rew.to(device), val.to(device), mask.to(device), gamma=gamma, lam=lam))
     return [adv[b, :len(e.turns)].tolist() for b, e in enumerate(episodes)], \
            [ret[b, :len(e.turns)].tolist() for b, e in enumerate(episodes)]
 

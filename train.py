@@ -509,15 +509,16 @@ def turn_values(agent: dg.LocalLM, head: ValueHead, episodes, cfg: Config) -> li
 def update_policy(agent: dg.LocalLM, opt, episodes, cfg: Config, head: ValueHead | None, ref: dg.LocalLM | None):
     """One RL update from a batch of episodes: advantages, then clipped-surrogate steps over
     `minibatches` token-mean mini-batches (agent tokens only: prompts and env text are masked)."""
+    dev = next(agent.model.parameters()).device
     if cfg.algo == "grpo":
-        adv_ep = dg.episode_advantages(episodes, cfg.adv_scale).tolist()
+        adv_ep = dg.episode_advantages(episodes, cfg.adv_scale, dev).tolist()
         adv_turn = [[a] * len(e.turns) for a, e in zip(adv_ep, episodes)]
         ret_turn = None
     else:
-        adv_turn, ret_turn = dg.turn_gae(episodes, turn_values(agent, head, episodes, cfg), cfg.gamma, cfg.gae_lambda)
+        adv_turn, ret_turn = dg.turn_gae(episodes, turn_values(agent, head, episodes, cfg), cfg.gamma,
+                                          cfg.gae_lambda, dev)
     items = [(t, a, (r[j] if ret_turn else 0.0)) for e, advs, r in zip(episodes, adv_turn, ret_turn or adv_turn)
              for j, (t, a) in enumerate(zip(e.turns, advs)) if t.response_ids]
-    dev = next(agent.model.parameters()).device
     params = [p for p in agent.model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
     stats = dict(loss=0.0, clipfrac=0.0, entropy=0.0, vloss=0.0, tokens=0)
     rng = random.Random(cfg.seed * 100003 + len(items))
