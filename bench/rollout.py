@@ -1,0 +1,232 @@
+"""Rollout throughput: engine.Engine vs transformers' generate() on the same model, prompts and settings.
+
+    python bench/rollout.py                      # spec config: tiny, batch 64, prompt 256, 64 new, CPU
+    python bench/rollout.py --threads 2 --prefix 64
+    python bench/rollout.py --device cuda --preset qwen0.5b
+
+1. decode: greedy, no stop strings, EOS ignored by both (min_new_tokens for HF), so both produce
+   batch x new tokens; HF runs its normal generate (use_cache=True), same dtype, same threads. With
+   --prefix N every row starts with the same N tokens: the engine gets them as its shared prefix,
+   HF gets them inside each prompt. Runs alternate engine/HF; the ratio uses medians.
+2. dream step: one agent turn (T=1 sampling, stop "</action>", 48 new tokens) and one
+   experience-model turn (greedy, stop dreamgym.EXP_STOP, 96 new tokens) for B episodes through
+   dreamgym.LocalLM, on two random tiny models, against the same done with HF generate (prompt ids
+   from the same LocalLM, sampler log-probs from output_logits, stop_strings for stops).
+Ends with `speedup_vs_hf_generate: X`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import models  # noqa: E402
+from engine import Engine, SamplingParams  # noqa: E402
+
+SYLLABLES = "ka lo mi ne ru ta so fi be do ga he ji ku ly mo nu pi qa ri su ve wo xi za".split()
+
+
+def corpus(n=3000, seed=0):
+    rnd = random.Random(seed)
+    words = ["".join(rnd.choice(SYLLABLES) for _ in range(rnd.randint(1, 4))) for _ in range(4000)]
+    return [" ".join(rnd.choice(words) for _ in range(30)) + " <action> go </action> <state> x </state>"
+            for _ in range(n)]
+
+
+def tiny_models(root, preset, n=1):
+    """The project's own path: BPE (2048) trained on text, random tiny Llamas saved + reloaded."""
+    models.train_tokenizer(corpus(), f"{root}/tok", vocab_size=2048)
+    out = []
+    for seed in range(n):
+        models.create_tiny(f"{root}/m{seed}", f"{root}/tok", preset=preset, seed=seed, max_len=2048)
+        model, tok = models.load_model(f"{root}/m{seed}", device=DEVICE, trainable=False)
+        out.append((model.eval(), tok))
+    return out
+
+
+def qwen05b(root):
+    """A random model of Qwen2-0.5B's shape, from a config (no hub), bf16."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    models.train_tokenizer(corpus(), f"{root}/tok", vocab_size=2048)
+    tok = AutoTokenizer.from_pretrained(f"{root}/tok")
+    cfg = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                      num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                      rope_theta=1e6, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(cfg).to(device=DEVICE, dtype=torch.bfloat16).eval(), tok
+
+
+def left_pad(rows, pad):
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = torch.tensor(r)
+        mask[i, T - len(r):] = 1
+    return ids.to(DEVICE), mask.to(DEVICE)
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn):
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t0, out
+
+
+# ----------------------------------------------------------------------------- 1. decode throughput
+def bench_decode(model, tok, a):
+    g = torch.Generator().manual_seed(0)
+    hi = min(len(tok), model.config.vocab_size)
+    prefix = torch.randint(5, hi, (a.prefix,), generator=g).tolist()
+    prompts = [torch.randint(5, hi, (a.prompt,), generator=g).tolist() for _ in range(a.batch)]
+    eng = Engine(model, tok, max_batch=a.batch, eos_token_ids=())
+    params = SamplingParams(temperature=0.0, max_new_tokens=a.new)
+    ids, mask = left_pad([prefix + p for p in prompts], tok.pad_token_id)
+
+    def run_engine():
+        return eng.generate(prompts, params, prefix=prefix or None)
+
+    def run_hf():
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=a.new,
+                                  min_new_tokens=a.new, use_cache=True, pad_token_id=tok.pad_token_id)
+
+    with torch.no_grad():                                    # warm-up: allocator, kernels, caches
+        model.generate(input_ids=ids[:2, -8:], attention_mask=mask[:2, -8:], do_sample=False, max_new_tokens=2,
+                       pad_token_id=tok.pad_token_id)
+    eng.generate([p[:8] for p in prompts[:2]], SamplingParams(temperature=0.0, max_new_tokens=2))
+    te, th = [], []
+    for _ in range(a.repeats):
+        t, gens = timed(run_engine)
+        te.append(t)
+        t, out = timed(run_hf)
+        th.append(t)
+    n = a.batch * a.new
+    assert all(len(x.token_ids) == a.new for x in gens) and out.shape[1] - ids.shape[1] == a.new
+    same = sum(x.token_ids == out[i, ids.shape[1]:].tolist() for i, x in enumerate(gens)) / a.batch
+    e, h = statistics.median(te), statistics.median(th)
+    print(f"engine: {n / e:9.1f} tok/s  (runs {', '.join(f'{t:.2f}' for t in te)} s)")
+    print(f"hf generate: {n / h:9.1f} tok/s  (runs {', '.join(f'{t:.2f}' for t in th)} s)")
+    print(f"greedy rows identical to hf: {same:.0%}")
+    return h / e
+
+
+# ----------------------------------------------------------------------------- 2. dream step
+def user_texts(tok, n, length, seed):
+    rnd = random.Random(seed)
+    words = corpus(200, seed)
+    out = []
+    for _ in range(n):
+        text = ""
+        while len(tok(text, add_special_tokens=False)["input_ids"]) < length:
+            text += rnd.choice(words) + "\n"
+        out.append(text)
+    return out
+
+
+def hf_turn(lm, system, users, p):
+    """The same turn with generate(): ids from LocalLM, sampler log-probs from output_logits. The
+    tiny tokenizer spells each tag with one token, so stops are extra EOS ids (HF's stop_strings
+    cannot preprocess added tokens); longer stops go through stop_strings."""
+    tok = lm.tokenizer
+    rows = [lm.prefix(system)[1] + lm.user_ids(system, u) for u in users]
+    ids, mask = left_pad(rows, tok.pad_token_id)
+    sample = p.temperature > 0
+    single = [tok(s, add_special_tokens=False)["input_ids"] for s in p.stop]
+    eos = [tok.eos_token_id] + [t[0] for t in single if len(t) == 1]
+    strings = [s for s, t in zip(p.stop, single) if len(t) > 1]
+    with torch.no_grad():
+        out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=p.max_new_tokens,
+                                do_sample=sample, temperature=p.temperature if sample else None,
+                                top_k=0 if sample else None, top_p=1.0 if sample else None, eos_token_id=eos,
+                                stop_strings=strings or None, tokenizer=tok, use_cache=True,
+                                pad_token_id=lm.tokenizer.pad_token_id, return_dict_in_generate=True,
+                                output_logits=True)
+    new = out.sequences[:, ids.shape[1]:]
+    logits = torch.stack(out.logits, 1).float() / (p.temperature if sample else 1.0)
+    logp = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0]
+    return lm.tokenizer.batch_decode(new, skip_special_tokens=True), logp
+
+
+def bench_dream(a):
+    import dreamgym as dg
+    with tempfile.TemporaryDirectory() as root:
+        (agent_m, tok), (exp_m, _) = tiny_models(root, "tiny", n=2)
+        agent, exp = dg.LocalLM(agent_m, tok, max_batch=a.batch), dg.LocalLM(exp_m, tok, max_batch=a.batch)
+        users_a, users_e = user_texts(tok, a.batch, 200, 1), user_texts(tok, a.batch, 200, 2)
+        pa = SamplingParams(temperature=1.0, max_new_tokens=48, stop=(dg.AGENT_STOP,))
+        pe = SamplingParams(temperature=0.0, max_new_tokens=96, stop=(dg.EXP_STOP,))
+        gen = torch.Generator(device=DEVICE).manual_seed(0)
+
+        def engine_step():
+            agent.generate(dg.AGENT_SYSTEM, users_a, pa, generator=gen)
+            return exp.generate(dg.EXP_SYSTEM, users_e, pe)
+
+        def hf_step():
+            hf_turn(agent, dg.AGENT_SYSTEM, users_a, pa)
+            return hf_turn(exp, dg.EXP_SYSTEM, users_e, pe)
+
+        hf_turn(agent, dg.AGENT_SYSTEM, users_a[:2], SamplingParams(temperature=0.0, max_new_tokens=2))
+        agent.generate(dg.AGENT_SYSTEM, users_a[:2], SamplingParams(temperature=0.0, max_new_tokens=2))
+        te, th = [], []
+        for _ in range(a.repeats):
+            te.append(timed(engine_step)[0])
+            th.append(timed(hf_step)[0])
+        e, h = statistics.median(te), statistics.median(th)
+        print(f"dream_step_turns_per_s: {a.batch / e:.1f}")
+        print(f"dream_step_turns_per_s_hf_generate: {a.batch / h:.1f}")
+        print(f"dream_step_speedup_vs_hf_generate: {h / e:.2f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--prefix", type=int, default=0, help="shared prefix length (part of every prompt)")
+    ap.add_argument("--preset", default="tiny", help="tiny | tiny-s | tiny-m | qwen0.5b (CUDA)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-dream", action="store_true", help="skip the dream-step section")
+    a = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(a.device)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as root:
+        if a.preset == "qwen0.5b":
+            if DEVICE.type != "cuda":
+                sys.exit("--preset qwen0.5b needs --device cuda")
+            model, tok = qwen05b(root)
+        else:
+            (model, tok), = tiny_models(root, a.preset)
+        print(f"device {DEVICE} threads {a.threads} preset {a.preset} dtype {model.dtype} "
+              f"batch {a.batch} prompt {a.prompt} prefix {a.prefix} new {a.new}")
+        print("== decode (greedy, no stop)")
+        speedup = bench_decode(model, tok, a)
+    if not a.no_dream:
+        print("== dream step (agent turn + experience-model turn, tiny models)")
+        bench_dream(a)
+    print(f"speedup_vs_hf_generate: {speedup:.2f}")
+
+
+DEVICE = torch.device("cpu")
+
+if __name__ == "__main__":
+    main()

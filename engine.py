@@ -1,0 +1,450 @@
+"""Batched multi-turn decoding with a KV cache, for the agent and the experience model.
+
+In the spirit of nano-vllm, for one process and any Hugging Face causal LM:
+
+* rows are sorted by prompt length and cut into batches of `max_batch` (less padding); every
+  row writes its next token to the same cache column, the pads before it are masked out, and
+  positions continue after the shared prefix without counting pads (see `_layout`);
+* a shared `prefix` (BOS, a chat-template system header) is prefilled once and its KV reused
+  for every row (LRU cache keyed by the prefix ids and the weights' state, see `_weights_key`:
+  the model is trained between calls, and KV of old weights is dropped);
+* decoding samples with `kernels.sample`, whose log-probs are returned, so training needs no
+  second forward pass for the old policy; per-row sampling params, stop strings and lengths.
+  Stop strings are matched on decoded text (skip_special_tokens), in a window of recent tokens
+  long enough to hold them; an incomplete UTF-8 character decodes as U+FFFD meanwhile;
+* finished rows leave the batch: the KV cache is compacted (index_select on the batch dim) once
+  a quarter of the rows are done, so the batch never decodes much padding.
+
+Two forward paths, both through the model's own modules (LoRA and 4-bit layers included):
+* fast (Llama / Qwen2 / Qwen3 / Mistral with SDPA or eager attention): the decoder layers are
+  called directly with a preallocated cache (`KVCache`: written in place, no torch.cat per step)
+  and our own boolean mask; prompts are right-padded, so without a cached prefix the prefill is
+  plain causal attention, in row chunks so that activations stay in CPU caches;
+* generic (any other model, flash-attention-2, sliding windows longer than the window): the
+  model's forward with a `DynamicCache`, a 2D attention mask and explicit position_ids.
+On CUDA the fast path's decode step runs with static shapes and is captured in a CUDA graph
+(`cuda_graphs=True`), recaptured after each compaction; a failed capture falls back to eager.
+The capture/replay is NOT tested (no GPU on the test machines); the static-shape step it captures
+is, on CPU. Call `generate` from one thread at a time.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0      # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0                # 0: off
+    min_p: float = 0.0
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()    # generation ends after the token that completes one of them
+
+
+@dataclass
+class Generation:
+    text: str                     # skip_special_tokens=True; ends with the stop string that ended it
+    token_ids: list[int]          # every sampled token, the stop-completing / EOS token included
+    logprobs: list[float]         # of each token under the distribution it was sampled from
+    finish_reason: str            # "stop" (stop string or EOS) | "length"
+
+
+FAST_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+class KVCache:
+    """Preallocated keys/values [B, H, L, D] per layer. HF attention modules call `update`; we
+    set `rows` (prefill chunk) and `start` (first column written) before each forward. In
+    `static` mode (CUDA graphs) the column is a device tensor and the whole buffer is returned."""
+
+    def __init__(self, n_layers, B, H, L, D, dtype, device, zero=False):
+        # static decoding attends over the whole buffer (masked): unwritten columns must not be NaN
+        new = torch.zeros if zero else torch.empty
+        self.k = [new(B, H, L, D, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [new(B, H, L, D, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.rows, self.start, self.static, self.col = slice(None), 0, False, None
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        k, v = self.k[layer_idx], self.v[layer_idx]
+        if self.static:
+            k.index_copy_(2, self.col, key_states)
+            v.index_copy_(2, self.col, value_states)
+            return k, v
+        end = self.start + key_states.shape[2]
+        k[self.rows, :, self.start:end] = key_states
+        v[self.rows, :, self.start:end] = value_states
+        return k[self.rows, :, :end], v[self.rows, :, :end]
+
+    def select(self, keep):
+        self.k = [t.index_select(0, keep) for t in self.k]
+        self.v = [t.index_select(0, keep) for t in self.v]
+
+
+class _Row:
+    __slots__ = ("prompt", "p", "tokens", "logprobs", "reason", "window")
+
+    def __init__(self, prompt, p):
+        self.prompt, self.p, self.tokens, self.logprobs, self.reason = prompt, p, [], [], None
+        # tokens whose text can hold a stop string: >= 1 byte per token, <= 4 bytes per char
+        self.window = 4 * max(map(len, p.stop)) + 4 if p.stop else 0
+
+
+class Engine:
+    def __init__(self, model, tokenizer, max_batch: int = 64, prefix_cache_size: int = 8,
+                 prefill_tokens: int | None = None, compact_fraction: float = 0.25, cuda_graphs: bool = True,
+                 fast_path: bool = True, eos_token_ids=None):
+        """max_batch: rows decoded together; prefill_tokens: tokens per prefill chunk (fast path;
+        default 2048 on CPU, 16384 on GPU); compact_fraction: share of finished rows in the batch
+        that triggers KV compaction (0: at every finish); fast_path=False forces the generic HF
+        forward; eos_token_ids: None = the tokenizer's EOS plus generation_config's (read at each
+        call), () = never stop on EOS (benchmarks)."""
+        self.eos_token_ids, self._static_on_cpu = eos_token_ids, False
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.prefill_tokens, self.compact_fraction, self.cuda_graphs = prefill_tokens, compact_fraction, cuda_graphs
+        self.prefix_cache_size, self._prefix = prefix_cache_size, OrderedDict()
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model   # peft
+        self.config = base.config
+        fwd = inspect.signature(base.forward).parameters
+        self._cache_kw = "cache" if "cache" in fwd else "past_key_values"   # renamed in transformers 5.x
+        self._keep_kw = "logits_to_keep" in fwd
+        self._decoder, self._head = self._fast_parts(base) if fast_path else (None, None)
+        if self.prefill_tokens is None:     # CPU: chunks that stay in cache; GPU: big launches
+            self.prefill_tokens = 2048 if self._device().type == "cpu" else 16384
+
+    # ------------------------------------------------------------------ public
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 prefix: list[int] | None = None, generator: torch.Generator | None = None) -> list[Generation]:
+        params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
+        prefix = list(prefix or [])
+        self._check_lengths(prompts, params, prefix)
+        if not prompts:
+            return []
+        # The last prefix token is prefilled with each row, so every row has >= 1 token to run and
+        # the cached prefix is prefix[:-1] (nothing to cache for a lone BOS).
+        head, tail = prefix[:-1], prefix[-1:]
+        rows = [_Row(tail + list(p), sp) for p, sp in zip(prompts, params)]
+        for r in rows:
+            if r.p.max_new_tokens <= 0:
+                r.reason = "length"
+        order = sorted((r for r in rows if not r.reason), key=lambda r: -len(r.prompt))   # similar lengths together
+        modes = [m.training for m in self.model.modules()]
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                for s in range(0, len(order), self.max_batch):
+                    self._run_batch(order[s:s + self.max_batch], head, generator)
+        finally:
+            for m, mode in zip(self.model.modules(), modes):
+                m.training = mode
+        return [self._result(r) for r in rows]
+
+    def clear_prefix_cache(self):
+        """For weight changes `_weights_key` cannot see (e.g. frozen weights rewritten via .data)."""
+        self._prefix.clear()
+
+    # ------------------------------------------------------------------ setup
+    def _fast_parts(self, base):
+        dec, head = getattr(base, "model", None), getattr(base, "lm_head", None)
+        ok = (self.config.model_type in FAST_MODEL_TYPES and head is not None
+              and all(hasattr(dec, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")))
+        return (dec, head) if ok else (None, None)
+
+    def _use_fast(self, length: int) -> bool:
+        cfg = self.config
+        if self._decoder is None or cfg._attn_implementation not in ("sdpa", "eager"):
+            return False
+        # our mask is plain causal: fine for sliding-window layers only inside the window
+        sliding = "sliding_attention" in (getattr(cfg, "layer_types", None) or []) or cfg.model_type == "mistral"
+        window = getattr(cfg, "sliding_window", None)
+        return not (sliding and window is not None and length > window)
+
+    def _check_lengths(self, prompts, params, prefix):
+        limit = getattr(self.config, "max_position_embeddings", None)
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            n = len(prefix) + len(p)
+            if n == 0:
+                raise ValueError(f"prompt {i} is empty and there is no prefix: nothing to condition on")
+            if limit is not None and n + sp.max_new_tokens > limit:
+                raise ValueError(f"prompt {i}: prefix + prompt ({n} tokens) + max_new_tokens "
+                                 f"({sp.max_new_tokens}) exceeds the model's max_position_embeddings ({limit})")
+
+    def _eos_ids(self) -> set[int]:
+        if self.eos_token_ids is not None:
+            return set(self.eos_token_ids)
+        ids = {self.tokenizer.eos_token_id}
+        gen = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids.update(gen if isinstance(gen, (list, tuple)) else [gen])
+        return {i for i in ids if i is not None}
+
+    # ------------------------------------------------------------------ prefix cache
+    def _weights_key(self):
+        """Weights change between calls (training). `_version` counts in-place writes (optimizer
+        steps with for-loop/foreach updates, load_state_dict, copy_) and data_ptr catches swapped
+        tensors; fused optimizers and writes through `.data` bypass the counter, so the norms of
+        the trainable parameters are part of the key too (one foreach op, one sync per call)."""
+        ps = list(self.model.parameters())
+        key = tuple((p.data_ptr(), p._version) for p in ps)
+        train = [p for p in ps if p.requires_grad]
+        norms = tuple(torch.stack(torch._foreach_norm(train)).tolist()) if train else ()
+        return key, norms
+
+    def _prefix_kv(self, head: list[int], fast: bool):
+        """[(k, v)] per layer, each [1, H, P, D], for the shared prefix (LRU cached)."""
+        weights = self._weights_key()
+        key = (tuple(head), fast, weights)
+        if key in self._prefix:
+            self._prefix.move_to_end(key)
+            return self._prefix[key]
+        for old in [k for k in self._prefix if k[2] != weights]:    # trained since: never hit again
+            del self._prefix[old]
+        ids = torch.tensor([head], device=self._device())
+        pos = torch.arange(len(head), device=ids.device)[None]
+        if fast:
+            cache = self._new_cache(1, len(head))
+            self._fast_forward(ids, pos, self._prefill_mask(torch.ones_like(ids, dtype=torch.bool), 0), cache)
+            kv = list(zip(cache.k, cache.v))
+        else:
+            from transformers import DynamicCache
+            cache = DynamicCache(config=self.config)
+            self._hf_forward(ids, pos, torch.ones_like(ids), cache)
+            kv = [(layer.keys, layer.values) for layer in cache.layers]
+        self._prefix[key] = kv
+        while len(self._prefix) > self.prefix_cache_size:
+            self._prefix.popitem(last=False)
+        return kv
+
+    # ------------------------------------------------------------------ forward passes
+    def _device(self):
+        return self.model.get_input_embeddings().weight.device
+
+    def _new_cache(self, B, L):
+        cfg, w = self.config, self.model.get_input_embeddings().weight
+        H = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return KVCache(len(self._decoder.layers), B, H, L, D, w.dtype, w.device, zero=self._static(w.device))
+
+    def _static(self, device) -> bool:
+        """Static-shape decode: CUDA graphs on GPU; `_static_on_cpu` lets tests run it uncaptured."""
+        return self.cuda_graphs and (device.type == "cuda" or self._static_on_cpu)
+
+    def _fast_forward(self, ids, pos, mask, cache, last=None):
+        """Decoder layers called directly -> logits [B, V] at index `last` of each row (default -1)."""
+        dec = self._decoder
+        h = dec.embed_tokens(ids)
+        rope = dec.rotary_emb(h, pos)
+        if mask is not None and self.config._attn_implementation == "eager":   # eager adds a float mask
+            mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(
+                ~mask, torch.finfo(h.dtype).min)
+        for layer in dec.layers:
+            h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rope, use_cache=True,
+                      **{self._cache_kw: cache})
+        h = h[:, -1] if last is None else h[torch.arange(h.shape[0], device=h.device), last]
+        return self._head(dec.norm(h))
+
+    def _hf_forward(self, ids, pos, mask2d, cache):
+        kw = {self._cache_kw: cache, "use_cache": True}
+        if self._keep_kw:
+            kw["logits_to_keep"] = 1
+        out = self.model(input_ids=ids, attention_mask=mask2d.long(), position_ids=pos, **kw)
+        return out.logits[:, -1]
+
+    @staticmethod
+    def _prefill_mask(valid, start):
+        """Bool [B, 1, T, start+T]: valid keys, causal over the new T columns. With right padding
+        every query sees at least its row's first token, so no row is all-masked (NaN in SDPA)."""
+        L = valid.shape[1]
+        col = torch.arange(L, device=valid.device)
+        q = torch.arange(start, L, device=valid.device)[:, None]
+        return valid[:, None, None, :] & (col <= q)
+
+    # ------------------------------------------------------------------ one batch
+    def _run_batch(self, rows, head, generator):
+        dev, B = self._device(), len(rows)
+        P, T = len(head), max(len(r.prompt) for r in rows)
+        L = P + T + max(r.p.max_new_tokens for r in rows)
+        fast = self._use_fast(L)
+        lens = torch.tensor([len(r.prompt) for r in rows], device=dev)
+        ids, valid, pos = _layout([r.prompt for r in rows], lens, P, L, self.pad_id, right=fast)
+        kv = self._prefix_kv(head, fast) if P else []
+        state = _FastState(self, B, L, kv) if fast else _HFState(self, B, kv)
+        logits = state.prefill(ids, pos, valid, P, lens)
+        self._decode(rows, logits, state, valid, P + T, P + lens, generator)
+
+    def _decode(self, rows, logits, state, valid, cur, next_pos, generator):
+        from kernels import sample
+        eos, live = self._eos_ids(), list(rows)
+        knobs = _knobs(live, logits.device)
+        while True:
+            tok, lp = sample(logits.float(), generator=generator, **knobs)
+            done = self._append(live, tok.tolist(), lp.tolist(), eos)
+            if all(done):
+                return
+            n_done = sum(done)
+            if n_done and n_done >= self.compact_fraction * len(live):
+                keep = torch.tensor([b for b, d in enumerate(done) if not d], device=tok.device)
+                live = [r for r, d in zip(live, done) if not d]
+                tok, valid, next_pos = tok[keep], valid[keep], next_pos[keep]
+                knobs = {k: v[keep] if torch.is_tensor(v) else v for k, v in knobs.items()}
+                state.select(keep)
+            valid[:, cur] = True
+            logits = state.step(tok[:, None], next_pos[:, None], valid, cur)
+            cur, next_pos = cur + 1, next_pos + 1
+
+    def _append(self, live, toks, lps, eos) -> list[bool]:
+        """Record one token per row; returns which rows are finished. Rows finished earlier ride
+        along until the next compaction and ignore their tokens."""
+        check = []
+        for r, t, lp in zip(live, toks, lps):
+            if r.reason:
+                continue
+            r.tokens.append(t)
+            r.logprobs.append(lp)
+            if t in eos:
+                r.reason = "stop"
+            elif r.window:
+                check.append(r)
+            if not r.reason and len(r.tokens) >= r.p.max_new_tokens:
+                r.reason = "length"
+        if check:        # one tokenizer call for every row that has stop strings
+            tails = self.tokenizer.batch_decode([r.tokens[-r.window:] for r in check], skip_special_tokens=True,
+                                                clean_up_tokenization_spaces=False)
+            for r, text in zip(check, tails):
+                if any(s in text for s in r.p.stop):
+                    r.reason = "stop"
+        return [bool(r.reason) for r in live]
+
+    def _result(self, r) -> Generation:
+        text = self.tokenizer.decode(r.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        ends = [text.find(s) + len(s) for s in r.p.stop if s in text]
+        if r.reason == "stop" and ends:
+            text = text[:min(ends)]         # cut right after the first stop string
+        return Generation(text=text, token_ids=list(r.tokens), logprobs=list(r.logprobs), finish_reason=r.reason)
+
+
+def _knobs(rows, device) -> dict:
+    """Sampling params for kernels.sample: a scalar when all rows agree, else a tensor [B]."""
+    out = {}
+    for name, dtype in (("temperature", torch.float32), ("top_k", torch.long), ("top_p", torch.float32),
+                        ("min_p", torch.float32)):
+        vals = [getattr(r.p, name) for r in rows]
+        out[name] = vals[0] if len(set(vals)) == 1 else torch.tensor(vals, dtype=dtype, device=device)
+    return out
+
+
+def _layout(prompts, lens, P, L, pad, right):
+    """Padded prompts [B, T], the cache columns that hold real tokens [B, L] and positions [B, T].
+    Every row writes its next token to the same column P + T; the pads in between are masked.
+    Positions continue after the prefix and pads never shift them. Right padding (fast path)
+    lets the prefill use plain causal attention; the generic path left-pads so that the
+    model's last position is every row's last token."""
+    B, T, dev = len(prompts), int(lens.max()), lens.device
+    ids = torch.full((B, T), pad, dtype=torch.long, device=dev)
+    for b, p in enumerate(prompts):
+        ids[b, slice(0, len(p)) if right else slice(T - len(p), T)] = torch.tensor(p, device=dev)
+    col = torch.arange(T, device=dev)
+    shift = torch.zeros_like(lens) if right else T - lens
+    valid = torch.zeros(B, L, dtype=torch.bool, device=dev)
+    valid[:, :P] = True
+    valid[:, P:P + T] = (col >= shift[:, None]) & (col < (shift + lens)[:, None])
+    pos = (P + col - shift[:, None]).clamp(min=P)             # pads get a dummy position
+    return ids, valid, pos
+
+
+class _FastState:
+    """Batch state of the fast path: preallocated KVCache, boolean masks, CUDA graph on GPU."""
+
+    def __init__(self, eng, B, L, kv):
+        self.eng, self.cache, self.graph = eng, eng._new_cache(B, L), None
+        for layer, (k, v) in enumerate(kv):                       # shared prefix into every row
+            self.cache.k[layer][:, :, :k.shape[2]] = k
+            self.cache.v[layer][:, :, :v.shape[2]] = v
+
+    def prefill(self, ids, pos, valid, start, lens):
+        B, T = ids.shape
+        step = max(1, self.eng.prefill_tokens // T)              # row chunks keep activations in cache
+        # Right padding: with no cached prefix, plain causal attention is exact for every real
+        # token (pads come after them), and SDPA then skips the upper triangle.
+        causal = start == 0 and self.eng.config._attn_implementation == "sdpa"
+        out = []
+        for r0 in range(0, B, step):
+            rows = slice(r0, r0 + step)
+            self.cache.rows, self.cache.start = rows, start
+            mask = None if causal else self.eng._prefill_mask(valid[rows, :start + T], start)
+            out.append(self.eng._fast_forward(ids[rows], pos[rows], mask, self.cache, last=lens[rows] - 1))
+        self.cache.rows = slice(None)
+        return torch.cat(out)
+
+    def step(self, tok, pos, valid, cur):
+        if self.graph is None and self.eng._static(tok.device):
+            try:
+                self.graph = _DecodeGraph(self.eng, self.cache, valid, tok, pos, cur, tok.device.type == "cuda")
+            except Exception as e:          # e.g. a rope variant that syncs: stay eager from now on
+                warnings.warn(f"engine: CUDA graph capture failed ({e}); decoding without graphs")
+                self.eng.cuda_graphs, self.cache.static = False, False
+        if self.graph is not None:
+            return self.graph(tok, pos, cur)
+        self.cache.start = cur
+        return self.eng._fast_forward(tok, pos, valid[:, None, None, :cur + 1], self.cache)
+
+    def select(self, keep):
+        self.cache.select(keep)
+        self.graph = None                                         # shapes changed: recapture
+
+
+class _HFState:
+    """Batch state of the generic path: the model's forward with a DynamicCache."""
+
+    def __init__(self, eng, B, kv):
+        from transformers import DynamicCache
+        self.eng, self.cache = eng, DynamicCache(config=eng.config)
+        for layer, (k, v) in enumerate(kv):
+            self.cache.update(k.expand(B, -1, -1, -1).contiguous(), v.expand(B, -1, -1, -1).contiguous(), layer)
+
+    def prefill(self, ids, pos, valid, start, lens):
+        return self.eng._hf_forward(ids, pos, valid[:, :start + ids.shape[1]], self.cache)
+
+    def step(self, tok, pos, valid, cur):
+        return self.eng._hf_forward(tok, pos, valid[:, :cur + 1], self.cache)
+
+    def select(self, keep):
+        self.cache.batch_select_indices(keep)
+
+
+class _DecodeGraph:
+    """One decode step with static shapes, captured in a CUDA graph when `capture` (the capture
+    and replay are UNTESTED: no GPU on the test machines; tests run the same static step on CPU
+    without capture). The step attends over the whole preallocated cache, masked by `valid`, and
+    the column to write is a device tensor. `valid` is captured by address: it must not be
+    reallocated while the graph lives (compaction drops the graph)."""
+
+    def __init__(self, eng, cache, valid, tok, pos, cur, capture):
+        self.cache, self.tok, self.pos, self.graph = cache, tok.clone(), pos.clone(), None
+        cache.static, cache.col = True, torch.tensor([cur], device=tok.device)
+        self.run = lambda: eng._fast_forward(self.tok, self.pos, valid[:, None, None, :], cache)
+        if capture:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):                            # warm-up (allocator, cuBLAS)
+                self.run()
+            torch.cuda.current_stream().wait_stream(s)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.run()
+
+    def __call__(self, tok, pos, cur):
+        self.tok.copy_(tok)
+        self.pos.copy_(pos)
+        self.cache.col.fill_(cur)
+        if self.graph is None:
+            return self.run()
+        self.graph.replay()
+        return self.out

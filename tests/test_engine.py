@@ -1,0 +1,311 @@
+"""engine.py against independent references on a tiny random Llama (tiny-s) and a 4-bit + LoRA one.
+
+References: transformers' generate() (greedy, EOS off) for tokens, a full forward pass without any
+cache for log-probs, and a plain Python reading of the HF tokens for where each row must stop.
+Every behaviour runs on both forward paths: "fast" (decoder layers + preallocated cache) and
+"generic" (the model's forward + DynamicCache)."""
+import random
+
+import pytest
+import torch
+
+import models
+from engine import Engine, Generation, SamplingParams
+
+torch.set_num_threads(1)
+PATHS = ["fast", "generic"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("engine")
+    rnd = random.Random(0)                     # made-up words: enough merges for mostly non-byte tokens
+    words = ["".join(rnd.choice(["ka", "lo", "mi", "ne", "ru", "ta", "so", "fi", "be", "do", "x", "q"])
+                     for _ in range(rnd.randint(1, 4))) for _ in range(600)]
+    texts = [" ".join(rnd.choices(words, k=20)) + " <action>go</action> <state>x</state>" for _ in range(300)]
+    models.train_tokenizer(texts, str(d / "tok"), vocab_size=1000)
+    models.create_tiny(str(d / "m"), str(d / "tok"), preset="tiny-s", seed=0, max_len=256)
+    return str(d / "m")
+
+
+def _scale(model, s=4.0):
+    # The default init (std 0.02) makes a random model repeat one token forever; larger weights
+    # give varied greedy outputs with clear argmax gaps, so stops land at different steps.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(s)
+    return model
+
+
+@pytest.fixture()
+def lm(tiny):
+    model, tok = models.load_model(tiny, device="cpu")
+    return _scale(model), tok
+
+
+def prompts(tok, lens=(5, 17, 1, 30, 9, 12), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, len(tok), (n,), generator=g).tolist() for n in lens]
+
+
+def engine(model, tok, path, **kw):
+    return Engine(model, tok, fast_path=path == "fast", **kw)
+
+
+def hf_greedy(model, tok, rows, n):
+    """transformers' generate on the left-padded batch, EOS off: n new tokens per row."""
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = torch.tensor(r)
+        mask[i, T - len(r):] = 1
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                             eos_token_id=None, pad_token_id=tok.pad_token_id)
+    return [r[T:] for r in out.tolist()]
+
+
+def expected_cut(tok, ref, p: SamplingParams, eos):
+    """Where a row must stop, read off the uncut greedy tokens: EOS, first stop string, or length."""
+    for j in range(len(ref)):
+        if ref[j] in eos:
+            return ref[:j + 1], "stop"
+        if any(s in tok.decode(ref[:j + 1], skip_special_tokens=True) for s in p.stop):
+            return ref[:j + 1], "stop"
+        if j + 1 == p.max_new_tokens:
+            return ref[:j + 1], "length"
+    raise AssertionError("reference too short")
+
+
+def stop_from(tok, ref, start, cut, n=2):
+    """A stop string read off a row's own output from token `start` on, so rows stop at different
+    steps. Clean text only (byte tokens of a random model decode to U+FFFD); with `cut` its last
+    character is dropped, so the completing token runs past the stop and the text must be cut."""
+    for a in range(start, len(ref) - n + 1):
+        s = tok.decode(ref[a:a + n], skip_special_tokens=True)
+        last = tok.decode(ref[a + n - 1:a + n])
+        if "\ufffd" not in s and len(s.strip()) >= 3 and len(last) >= 2:
+            return s[:-1] if cut else s
+    return "\x00none"
+
+
+def full_logprobs(model, prefix_and_prompt, tokens, temperature=1.0):
+    """Log-probs of `tokens` from one forward pass over the whole sequence, no cache, no padding."""
+    ids = torch.tensor([prefix_and_prompt + tokens])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prefix_and_prompt) - 1:-1].float()
+    return torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_greedy_matches_hf_generate_and_full_forward_logprobs(lm, path):
+    model, tok = lm
+    rows = prompts(tok)
+    n = [12, 3, 20, 1, 20, 7]                                    # per-row max_new_tokens
+    params = [SamplingParams(temperature=0.0, max_new_tokens=k) for k in n]
+    gens = engine(model, tok, path, eos_token_ids=()).generate(rows, params)
+    ref = hf_greedy(model, tok, rows, max(n))
+    for g, r, k, prompt in zip(gens, ref, n, rows):
+        assert isinstance(g, Generation) and g.finish_reason == "length"
+        assert g.token_ids == r[:k]
+        assert g.text == tok.decode(g.token_ids, skip_special_tokens=True)
+        lp = full_logprobs(model, prompt, g.token_ids)
+        assert torch.allclose(torch.tensor(g.logprobs), lp, atol=1e-4)
+    assert len({tuple(g.token_ids[:3]) for g in gens}) > 3          # rows really differ
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("compact", [0.0, 0.25, 1.0])             # at every finish / default / never
+def test_stop_strings_eos_lengths_and_compaction(lm, path, compact):
+    model, tok = lm
+    rows = prompts(tok, lens=(5, 17, 1, 30, 9, 12, 4, 22))
+    ref = hf_greedy(model, tok, rows, 24)
+    stops = [stop_from(tok, r, a, cut=i % 2, n=n) for i, (r, a, n) in
+             enumerate(zip(ref, (3, 6, 1, 9, 12, 0, 2, 5), (2, 2, 2, 2, 5, 2, 2, 6)))]
+    eos_extra = ref[3][6]                                          # a second EOS id, as chat models have
+    model.generation_config.eos_token_id = [tok.eos_token_id, eos_extra]
+    params = [SamplingParams(temperature=0.0, max_new_tokens=m, stop=(s, "\x00never")) if i % 3 != 2 else
+              SamplingParams(temperature=0.0, max_new_tokens=m)
+              for i, (s, m) in enumerate(zip(stops, (24, 24, 5, 24, 24, 24, 13, 24)))]
+    gens = engine(model, tok, path, compact_fraction=compact, max_batch=5).generate(rows, params)
+    eos = {tok.eos_token_id, eos_extra}
+    reasons = set()
+    for g, r, p, prompt in zip(gens, ref, params, rows):
+        want, why = expected_cut(tok, r, p, eos)
+        assert g.token_ids == want and g.finish_reason == why
+        full = tok.decode(want, skip_special_tokens=True)
+        hit = [full.find(s) + len(s) for s in p.stop if s in full]
+        assert g.text == (full[:min(hit)] if why == "stop" and hit else full)
+        if why == "stop" and hit:
+            assert g.text.endswith(p.stop[0])
+        assert torch.allclose(torch.tensor(g.logprobs), full_logprobs(model, prompt, want), atol=1e-4)
+        reasons.add((why, len(want)))
+    assert len({n for _, n in reasons}) >= 5 and {"stop", "length"} <= {w for w, _ in reasons}
+    assert any(g.token_ids[-1] == eos_extra for g in gens)             # some row ended on EOS
+    assert any(len(g.text) < len(tok.decode(g.token_ids, skip_special_tokens=True)) for g in gens)  # a cut
+    assert sum(g.finish_reason == "stop" and g.token_ids[-1] not in eos for g in gens) >= 3   # on stop strings
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_shared_prefix_same_as_inline_and_cached(lm, path):
+    model, tok = lm
+    rows = prompts(tok, seed=1)
+    prefix = [tok.bos_token_id] + prompts(tok, lens=(6,), seed=2)[0]
+    p = SamplingParams(temperature=0.0, max_new_tokens=10)
+    eng = engine(model, tok, path, eos_token_ids=())
+    with_prefix = eng.generate(rows, p, prefix=prefix)
+    again = eng.generate(rows, p, prefix=prefix)
+    inline = eng.generate([prefix + r for r in rows], p)
+    ref = hf_greedy(model, tok, [prefix + r for r in rows], 10)
+    assert len(eng._prefix) == 1                                    # computed once, reused
+    for a, b, c, r in zip(with_prefix, again, inline, ref):
+        assert a.token_ids == b.token_ids == c.token_ids == r
+        assert a.text == c.text
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(c.logprobs), atol=1e-4)
+    # a lone BOS prefix caches nothing (it is prefilled with each row)
+    assert [g.token_ids for g in eng.generate(rows, p, prefix=[tok.bos_token_id])] == \
+        [g.token_ids for g in eng.generate([[tok.bos_token_id] + r for r in rows], p)]
+
+
+@pytest.mark.parametrize("update", ["adamw", "data_write"])
+def test_prefix_cache_invalidated_when_weights_change(lm, update):
+    model, tok = lm
+    rows = prompts(tok, seed=3)
+    prefix = [tok.bos_token_id] + prompts(tok, lens=(8,), seed=4)[0]
+    p = SamplingParams(temperature=0.0, max_new_tokens=8)
+    eng = Engine(model, tok, eos_token_ids=())
+    before = [g.token_ids for g in eng.generate(rows, p, prefix=prefix)]
+    if update == "adamw":                                          # a training step between turns
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+        model(input_ids=torch.tensor([prefix]), labels=torch.tensor([prefix])).loss.backward()
+        opt.step()
+    else:                                                          # bypasses the version counter
+        layer = model.model.layers[0].self_attn
+        layer.k_proj.weight.data.copy_(torch.randn_like(layer.k_proj.weight) * 0.5)
+        layer.v_proj.weight.data.copy_(torch.randn_like(layer.v_proj.weight) * 0.5)
+    after = [g.token_ids for g in eng.generate(rows, p, prefix=prefix)]
+    fresh = [g.token_ids for g in Engine(model, tok, eos_token_ids=()).generate(rows, p, prefix=prefix)]
+    assert after == fresh and after != before
+    assert len(eng._prefix) == 1                                    # KV of the old weights dropped
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_per_row_params_and_seeded_sampling(lm, path):
+    model, tok = lm
+    rows = prompts(tok, lens=(5, 17, 1, 30, 9, 12, 8))
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12)
+    sampled = [SamplingParams(temperature=1.0, max_new_tokens=12),
+               SamplingParams(temperature=0.7, top_k=5, max_new_tokens=9),
+               SamplingParams(temperature=1.3, top_p=0.8, min_p=0.05, max_new_tokens=4)]
+    params = [greedy, sampled[0], greedy, sampled[1], sampled[2], greedy, sampled[0]]
+    eng = engine(model, tok, path, eos_token_ids=(), compact_fraction=0.0)   # per-row knobs compacted too
+    run = lambda seed: eng.generate(rows, params, generator=torch.Generator().manual_seed(seed))
+    a, b, c = run(1), run(1), run(2)
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    assert [g.logprobs for g in a] == [g.logprobs for g in b]
+    assert [g.token_ids for g in a] != [g.token_ids for g in c]
+    solo = eng.generate([r for r, p in zip(rows, params) if p is greedy], greedy)
+    assert [g.token_ids for g, p in zip(a, params) if p is greedy] == [g.token_ids for g in solo]
+    for g, p, prompt in zip(a, params, rows):
+        assert len(g.token_ids) == p.max_new_tokens
+        if p is sampled[0]:        # T=1, no filter: the sampler's log-prob is the policy's
+            assert torch.allclose(torch.tensor(g.logprobs), full_logprobs(model, prompt, g.token_ids), atol=1e-4)
+        if p is sampled[1]:        # top-k 5 at T=0.7: tokens among the 5 best, log-probs renormalised
+            ids = torch.tensor([prompt + g.token_ids])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1]
+            top = logits.topk(5, -1).indices
+            assert all(t in top[j] for j, t in enumerate(g.token_ids))
+            assert all(lp > full for lp, full in zip(g.logprobs, full_logprobs(model, prompt, g.token_ids, 0.7)))
+
+
+def test_more_rows_than_max_batch_keeps_order(lm):
+    model, tok = lm
+    rows = prompts(tok, lens=(3, 25, 7, 1, 14, 9, 30, 2, 11))
+    p = SamplingParams(temperature=0.0, max_new_tokens=6)
+    small = Engine(model, tok, max_batch=2, eos_token_ids=()).generate(rows, p)
+    big = Engine(model, tok, max_batch=64, eos_token_ids=()).generate(rows, p)
+    solo = [Engine(model, tok, eos_token_ids=()).generate([r], p)[0] for r in rows]
+    assert [g.token_ids for g in small] == [g.token_ids for g in big] == [g.token_ids for g in solo]
+    assert Engine(model, tok).generate([], p) == []
+
+
+def test_too_long_prompts_raise(lm):
+    model, tok = lm          # max_position_embeddings = 256
+    eng = Engine(model, tok)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        eng.generate([[5] * 250], SamplingParams(max_new_tokens=10))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        eng.generate([[5] * 200], SamplingParams(max_new_tokens=10), prefix=[5] * 50)
+    with pytest.raises(ValueError, match="empty"):
+        eng.generate([[]], SamplingParams(max_new_tokens=10))
+    with pytest.raises(ValueError):
+        eng.generate([[5], [6]], [SamplingParams()])
+    assert len(eng.generate([[5] * 240], SamplingParams(max_new_tokens=16))[0].token_ids) <= 16
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_training_flags_restored_and_no_graph(lm, path):
+    model, tok = lm
+    model.train()
+    model.model.layers[1].eval()                                   # a mixed state survives too
+    flags = [m.training for m in model.modules()]
+    seen = []
+    hook = model.model.layers[0].register_forward_pre_hook(
+        lambda m, a: seen.append((torch.is_grad_enabled(), m.training)))
+    gens = engine(model, tok, path).generate(prompts(tok), SamplingParams(max_new_tokens=4))
+    hook.remove()
+    assert seen and not any(g or tr for g, tr in seen)                     # eval + no_grad inside
+    assert [m.training for m in model.modules()] == flags
+    model.eval()
+    engine(model, tok, path).generate(prompts(tok), SamplingParams(max_new_tokens=4))
+    assert not any(m.training for m in model.modules())
+    assert all(isinstance(x, float) for g in gens for x in g.logprobs)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_4bit_lora_model(tiny):
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("peft")
+    model, tok = models.load_model(tiny, models.ModelSpec(load_in_4bit=True, lora_r=4), device="cpu")
+    with torch.no_grad():                      # non-zero adapters, so LoRA is really in the forward
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    rows = prompts(tok, lens=(5, 17, 9))
+    prefix = [tok.bos_token_id, 7, 8, 9]
+    p = SamplingParams(temperature=0.0, max_new_tokens=6)
+    eng = Engine(model, tok, eos_token_ids=())
+    assert eng._decoder is not None                                # the fast path runs peft models
+    gens = eng.generate(rows, p, prefix=prefix)
+    ref = hf_greedy(model, tok, [prefix + r for r in rows], 6)
+    assert [g.token_ids for g in gens] == ref
+    for g, r in zip(gens, rows):
+        # bitsandbytes picks different 4-bit kernels for 1 row (gemv) and for batches: looser tolerance
+        assert torch.allclose(torch.tensor(g.logprobs), full_logprobs(model, prefix + r, g.token_ids), atol=1e-3)
+
+
+def test_zero_new_tokens(lm):
+    model, tok = lm
+    gens = Engine(model, tok).generate(prompts(tok, lens=(3, 4)), [SamplingParams(max_new_tokens=0),
+                                                                    SamplingParams(max_new_tokens=2)])
+    assert gens[0] == Generation(text="", token_ids=[], logprobs=[], finish_reason="length")
+    assert len(gens[1].token_ids) <= 2
+
+
+def test_static_shape_decode_matches(lm):
+    """The CUDA-graph decode step (whole-buffer attention, device-tensor column, recapture after
+    compaction), run on CPU without capture: the graph capture itself needs a GPU."""
+    model, tok = lm
+    rows = prompts(tok, lens=(5, 17, 1, 30, 9, 12))
+    params = [SamplingParams(temperature=0.0, max_new_tokens=k) for k in (12, 3, 20, 1, 20, 7)]
+    eager = Engine(model, tok, eos_token_ids=()).generate(rows, params, prefix=[tok.bos_token_id, 5, 6])
+    eng = Engine(model, tok, eos_token_ids=(), compact_fraction=0.0)
+    eng._static_on_cpu = True
+    static = eng.generate(rows, params, prefix=[tok.bos_token_id, 5, 6])
+    assert [g.token_ids for g in static] == [g.token_ids for g in eager]
+    assert torch.allclose(torch.tensor(sum((g.logprobs for g in static), [])),
+                          torch.tensor(sum((g.logprobs for g in eager), [])), atol=1e-4)
