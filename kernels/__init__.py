@@ -90,7 +90,7 @@ def sample(logits: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
     top_k 0 / top_p 1 / min_p 0: off; ties at a filter's threshold are kept. Masked (-inf) logits
     are fine; an all -inf row gives token 0, logprob -inf. The same generator state gives the same
     tokens (per backend: the two backends draw differently). See kernels/sampling.py."""
-    fn = _smp.sample_triton if _use_triton(logits) else _smp.sample_ref
+    fn = _smp.sample_triton if _use_triton(logits) else _smp.sample_torch
     return fn(logits, temperature, top_k, top_p, min_p, generator)
 
 

@@ -108,6 +108,27 @@ def sample_ref(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator
     return tok, lp.gather(1, tok[:, None]).squeeze(1)
 
 
+def sample_torch(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=None):
+    """The CPU path: sample_ref, minus the work its common cases do not need. With scalar
+    parameters, an all-greedy batch is argmax + log_softmax, and an unfiltered one is log_softmax +
+    multinomial (same draws as sample_ref for the same generator); no vocabulary sort. This is most
+    of an engine step on CPU at tiny-model sizes."""
+    scalar = not any(torch.is_tensor(v) for v in (temperature, top_k, top_p, min_p))
+    if not scalar or (temperature > 0 and (top_k or top_p < 1 or min_p)):
+        return sample_ref(logits, temperature, top_k, top_p, min_p, generator)
+    row_params(logits.shape[0], logits.device, temperature, top_k, top_p, min_p)   # validate
+    x = logits.float()
+    dead = x.max(-1).values == float("-inf")
+    lp = torch.log_softmax(x / (temperature if temperature > 0 else 1.0), dim=-1)
+    if temperature > 0:
+        tok = torch.multinomial(torch.where(dead[:, None], 1.0, lp.exp()), 1, generator=generator).squeeze(1)
+    else:
+        tok = x.argmax(-1)
+    tok = torch.where(dead, 0, tok)
+    out = lp.gather(1, tok[:, None]).squeeze(1)
+    return tok, torch.where(dead, float("-inf"), out)
+
+
 # ----------------------------------------------------------------------------- Triton kernel
 # One program handles ROWS rows (ROWS > 1 only for small vocabularies) in [ROWS, BLOCK] tiles and
 # walks the vocabulary in BLOCK-wide chunks. Every pass accumulates per lane (one accumulator per

@@ -53,6 +53,17 @@ def tricky_logits(B, V, dtype, seed=0):
 
 
 # ============================================================================ sampling
+@pytest.mark.parametrize("params", [dict(temperature=0.0), dict(temperature=0.0, top_k=3, top_p=0.5),
+                                    dict(temperature=0.7), dict(temperature=1.0), dict(temperature=1.0, top_p=0.9)])
+def test_cpu_fast_path_draws_exactly_what_the_reference_draws(params):
+    from kernels.sampling import sample_ref, sample_torch
+    x = tricky_logits(6, 1000, torch.float32).cpu()
+    tok, lp = sample_torch(x, **params, generator=torch.Generator().manual_seed(3))
+    tok_r, lp_r = sample_ref(x, **params, generator=torch.Generator().manual_seed(3))
+    assert tok.tolist() == tok_r.tolist()
+    torch.testing.assert_close(lp, lp_r, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_is_argmax_with_unfiltered_t1_logprob(backend, dtype):
     x = tricky_logits(6, 1000, dtype)
