@@ -146,7 +146,7 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
             res_file = os.path.join(run_dir, "results.json")
             res = json.load(open(res_file)) if os.path.exists(res_file) else train.run(cfg)
             results[name].append(res)
-            if own_exp and cfg.mode != "real":
+            if own_exp and cfg.mode != "real" and not overrides.get("exp_ckpt"):   # a shared M_exp: once, by hand
                 key = {"DreamGym-GRPO": "full"}.get(name, name.split(": ")[-1])
                 fid.setdefault(key, []).append(train.fidelity_table(cfg, cfg.eval_fold))
     warm = [results[chosen[0][0]][i]["warm"]["success"] for i in range(len(seeds))]

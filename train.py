@@ -44,7 +44,7 @@ class Config:
     algo: str = "grpo"                # grpo | ppo
     resume: bool = False
     # --- environment and offline data (the paper's "offline real-world data")
-    env: str = "twc"                  # TextWorldExpress spec, e.g. "twc:numItemsToPutAway=2"
+    env: str = "coin"                 # TextWorldExpress spec: coin | twc | cookingworld, e.g. "twc:numItemsToPutAway=2"
     offline_expert: int = 300         # trajectories per policy, train fold
     offline_noisy: int = 300
     offline_random: int = 200
@@ -78,8 +78,8 @@ class Config:
     exp_max_tokens: int = 320         # generation budget of one experience-model step
     buffer_capacity: int = 50_000
     # --- agent warm start (behaviour cloning on a share of offline successes)
-    warm_share: float = 0.25
-    warm_epochs: float = 10.0
+    warm_share: float = 1.0           # share of the offline successes (their real transitions are counted)
+    warm_epochs: float = 3.0
     warm_lr: float = 2e-3
     warm_batch_tokens: int = 2048
     # --- RL

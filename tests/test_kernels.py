@@ -422,7 +422,7 @@ print("compiled", len(cases))
 
 
 @pytest.mark.skipif(not kernels.triton_available(), reason="no Triton")
-def test_kernels_compile_for_sm90():
+def test_kernels_compile_for_sm90(tmp_path):
     """The interpreter accepts code the compiler rejects (loop-carried types, while loops, scalar
     ifs). Compile every kernel down to an H100 cubin, which needs Triton's ptxas but no GPU."""
     import os
@@ -430,6 +430,7 @@ def test_kernels_compile_for_sm90():
     import sys
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TMPDIR=str(tmp_path), TRITON_CACHE_DIR=str(tmp_path / "cache"))   # ptxas scratch files
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", AOT], cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "compiled 8" in out.stdout, out.stderr[-3000:]
