@@ -735,15 +735,18 @@ def reward_variance(rewards: list[float]) -> float:
 
 class TaskGenerator:
     """M_task, sharing parameters with M_exp: writes variations of the highest-variance seed tasks.
-    Candidates must parse and have a well-formed initial state (malformed ones are dropped and
-    counted), must differ from every known task, and optionally pass an LLM judge."""
+    Candidates must parse and have a well-formed initial state with distinct actions (malformed ones
+    are dropped and counted), must differ from every known task, and optionally pass an LLM judge.
+    With `vocabulary` (the words of the real tasks: train.py passes it for tiny models, which garble
+    text when sampled), a candidate may recombine known words but not invent new ones."""
 
     JUDGE = ("Is this new task challenging but feasible, well written, a meaningful variation of the "
              "seed and realistic? Answer yes or no.\nseed:\n{seed}\nnew:\n{new}\nanswer:")
 
-    def __init__(self, lm, temperature: float = 1.0, max_new_tokens: int = 256, judge: bool = False):
+    def __init__(self, lm, temperature: float = 1.0, max_new_tokens: int = 256, judge: bool = False,
+                 vocabulary: set[str] | None = None):
         from engine import SamplingParams
-        self.lm, self.judge = lm, judge
+        self.lm, self.judge, self.vocabulary = lm, judge, vocabulary
         self.params = SamplingParams(temperature=temperature, top_p=0.95, max_new_tokens=max_new_tokens,
                                      stop=(TASK_STOP,))
         self.stats = defaultdict(int)
@@ -790,6 +793,13 @@ class TaskGenerator:
                 self.stats["malformed"] += 1
                 continue
             instruction, state = parsed
+            actions = parse_state_actions(state) or []
+            if len(set(actions)) != len(actions):
+                self.stats["malformed"] += 1
+                continue
+            if self.vocabulary is not None and not set(task_words(instruction + " " + state)) <= self.vocabulary:
+                self.stats["unknown_words"] += 1
+                continue
             if state in seen:
                 self.stats["duplicate"] += 1
                 continue
@@ -808,6 +818,10 @@ class TaskGenerator:
         keep = [t for t, g in zip(tasks, gens) if g.text.strip().lower().startswith("yes")]
         self.stats["judged_out"] += len(tasks) - len(keep)
         return keep
+
+
+def task_words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
 
 
 def mix_tasks(real: list[Task], generated: list[Task], n: int, lam: float, rng: random.Random) -> list[Task]:

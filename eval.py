@@ -138,10 +138,10 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
         for name, over, own_exp in chosen:
             run_dir = os.path.join(base_dir, name.replace(" ", "_").replace(":", ""))
             cfg = train.Config(**{**overrides, **over, "seed": seed, "out": run_dir})
-            if run_dir != first:
-                cfg.warm_ckpt = os.path.join(first, "agent_warm")
+            if run_dir != first:                  # reuse the seed's first M_exp / warm start unless given
+                cfg.warm_ckpt = overrides.get("warm_ckpt") or os.path.join(first, "agent_warm")
                 if not own_exp:
-                    cfg.exp_ckpt = os.path.join(first, "exp_model")
+                    cfg.exp_ckpt = overrides.get("exp_ckpt") or os.path.join(first, "exp_model")
             cfg.validate()
             res_file = os.path.join(run_dir, "results.json")
             res = json.load(open(res_file)) if os.path.exists(res_file) else train.run(cfg)

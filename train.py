@@ -1,6 +1,6 @@
 """DreamGym end to end: offline data -> experience model -> agent warm start -> RL -> evaluation.
 
-    python train.py                          # the whole pipeline on the built-in env (CPU: ~20 min)
+    python train.py                          # the whole pipeline on the built-in env (CPU: ~11 min)
     python train.py --mode real              # the baseline: the same RL in the real environment
     python train.py --mode s2r               # sim-to-real: dream first, then a small real budget
     python train.py --algo ppo               # PPO with a value head and GAE over turns
@@ -577,13 +577,16 @@ def curriculum(cfg: Config, st: RLState, exp: dg.ExperienceModel, real: list[Tas
     """Pick the highest-variance seed tasks and let M_task write variations of them."""
     values = {tid: dg.reward_variance(r) for tid, r in st.task_rewards.items() if not tid.startswith("gen:")}
     seeds = [t for t in real if t.id in set(dg.TaskGenerator.select(values, cfg.taskgen_seeds))]
-    gen = dg.TaskGenerator(exp.lm)
+    tiny = cfg.exp_model.startswith("tiny") and not cfg.exp_endpoint
+    vocab = {w for t in real for w in dg.task_words(t.instruction + " " + t.init_state)} if tiny else None
+    gen = dg.TaskGenerator(exp.lm, vocabulary=vocab)
     known = {t.init_state for t in real} | {d["init_state"] for d in st.generated}
     new = gen.generate(seeds, cfg.taskgen_per_seed, known)
     keep = max(cfg.tasks_per_iter * 4, 1)                # a bounded pool of the freshest variations
     st.generated = (st.generated + [t.to_dict() for t in new])[-keep:]
     log(stage="taskgen", iteration=st.iteration, seeds=len(seeds), accepted=len(new),
-        malformed=gen.stats["malformed"], duplicate=gen.stats["duplicate"], pool=len(st.generated))
+        malformed=gen.stats["malformed"], unknown_words=gen.stats["unknown_words"], duplicate=gen.stats["duplicate"],
+        pool=len(st.generated))
 
 
 def next_phase(cfg: Config, st: RLState) -> str | None:

@@ -94,3 +94,30 @@ def test_mix_tasks_respects_lambda():
     assert sum(t.synthetic for t in dg.mix_tasks(real, gen[:1], 8, 0.5, rng)) == 1
     with pytest.raises(ValueError):
         dg.mix_tasks(real, gen, 8, 1.5, rng)
+
+
+def test_task_generator_validates_candidates():
+    """The filter, not a model: a scripted backend returns one candidate of each kind."""
+    from engine import Generation
+    state = "feedback: You are in the kitchen.\nroom: kitchen\nyou see: coin\nexits: north pantry\n" \
+            "inventory: nothing\nactions: move north | take coin"
+    seed = Task("coin", "train", 1, instruction="find the coin and take it", init_state=state)
+    new_state = state.replace("north pantry", "east corridor").replace("move north", "move east")
+    texts = [dg.task_target(Task("coin", "g", 0, instruction="find the coin and take it", init_state=new_state)),
+             "<task>find the coin</task> no state",                                             # malformed
+             dg.task_target(Task("coin", "g", 0, instruction="find the coin", init_state=state)),   # known state
+             dg.task_target(Task("coin", "g", 0, instruction="find the coin", init_state=new_state.replace(
+                 "move east | take coin", "move east | move east"))),                             # repeated action
+             dg.task_target(Task("coin", "g", 0, instruction="find the zorblax", init_state=new_state.replace(
+                 "kitchen", "attic")))]                                                           # invented words
+
+    class Scripted:
+        def generate(self, system, users, params, generator=None):
+            return [Generation(t, [], [], "stop") for t in texts[:len(users)]]
+
+    vocab = {w for w in dg.task_words(seed.instruction + " " + state + " east corridor")}
+    gen = dg.TaskGenerator(Scripted(), vocabulary=vocab)
+    out = gen.generate([seed], len(texts), {state})
+    assert [t.init_state for t in out] == [new_state] and out[0].parent == seed.id
+    assert (gen.stats["malformed"], gen.stats["duplicate"], gen.stats["unknown_words"]) == (2, 1, 1)
+    assert len(dg.TaskGenerator(Scripted()).generate([seed], len(texts), {state})) == 2   # no vocabulary check
