@@ -96,8 +96,9 @@ def exp_target(reasoning: str | None, next_state: str, reward: float, done: bool
     return f"{think}<state>{next_state}</state><reward>{reward:g}</reward><done>{'yes' if done else 'no'}</done>"
 
 
-_EXP_RE = re.compile(r"^\s*(?:<think>(.*?)</think>)?\s*<state>(.*?)</state>\s*<reward>\s*([-+0-9.eE]+)\s*"
-                     r"</reward>\s*<done>\s*(yes|no|true|false|1|0)\s*</done>", re.S | re.I)
+_NO_TAG = r"((?:(?!</?(?:think|state|reward|done|task|action)>).)*)"   # text without any of our tags
+_EXP_RE = re.compile(r"^\s*(?:<think>" + _NO_TAG + r"</think>)?\s*<state>" + _NO_TAG + r"</state>\s*<reward>\s*"
+                     r"([-+0-9.eE]+)\s*</reward>\s*<done>\s*(yes|no|true|false|1|0)\s*</done>", re.S | re.I)
 
 
 @dataclass
@@ -109,8 +110,10 @@ class ExpOutput:
 
 
 def parse_exp(text: str) -> ExpOutput | None:
-    """The experience model's output, or None when malformed. Never raises. The reward is
-    clipped to [0, 1]: a model cannot invent rewards outside the paper's scheme."""
+    """The experience model's output, or None when malformed: the fields in order, no tag inside a
+    field (a backtracking match once glued a second, garbled answer into the state), and a
+    well-formed state. Never raises. The reward is clipped to [0, 1]: a model cannot invent rewards
+    outside the paper's scheme."""
     m = _EXP_RE.match(text or "")
     if not m:
         return None
@@ -121,7 +124,7 @@ def parse_exp(text: str) -> ExpOutput | None:
     if not math.isfinite(reward):
         return None
     state = m.group(2).strip()
-    if not state:
+    if not well_formed_state(state):     # a broken state would poison every later turn of the dream
         return None
     return ExpOutput((m.group(1) or "").strip(), state, min(max(reward, 0.0), 1.0),
                      m.group(4).lower() in ("yes", "true", "1"))

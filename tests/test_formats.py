@@ -19,7 +19,12 @@ def test_exp_round_trip_and_clipping():
     out = dg.parse_exp(dg.exp_target("r", STATE, 1.0, True))
     assert out == dg.ExpOutput("r", STATE, 1.0, True)
     assert dg.parse_exp(dg.exp_target(None, STATE, 0, False)) == dg.ExpOutput("", STATE, 0.0, False)
-    assert dg.parse_exp("<state>s</state><reward>7</reward><done>yes</done>").reward == 1.0
+    assert dg.parse_exp(f"<state>{STATE}</state><reward>7</reward><done>yes</done>").reward == 1.0
+    # a garbled answer after a valid-looking prefix must not be glued into the state by backtracking
+    garbled = (f"<think>a</think><state>{STATE}</state><reward>0</reward><done>notakes me on</think>"
+               f"<state>{STATE}</state><reward>0</reward><done>no</done>")
+    assert dg.parse_exp(garbled) is None
+    assert dg.parse_exp("<state>s</state><reward>0</reward><done>no</done>") is None     # not a state
     for bad in ["", "<state>s</state>", "<state></state><reward>0</reward><done>no</done>",
                 "<state>s</state><reward>nan</reward><done>no</done>", "<state>s</state><reward>x</reward><done>no</done>",
                 "<state>s</state><reward>1</reward><done>maybe</done>", "<think>a<state>s</state>"]:
