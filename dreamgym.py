@@ -22,6 +22,7 @@ import math
 import os
 import random
 import re
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -664,6 +665,9 @@ class ExperienceModel:
         self.lm, self.buffer, self.k, self.h = lm, buffer, k, history
         self.reasoning, self.retrieval = reasoning, retrieval and k > 0
         self.params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, stop=(EXP_STOP,))
+        # a greedy retry would repeat the same malformed answer: the retry samples
+        self.retry_params = SamplingParams(temperature=max(temperature, 0.7), max_new_tokens=max_new_tokens,
+                                           stop=(EXP_STOP,))
         self.stats = defaultdict(int)
 
     # -- the one format, used by SFT, the dream and eval
@@ -706,7 +710,12 @@ class ExperienceModel:
         results: list[ExpResult | None] = [None] * len(queries)
         todo = list(range(len(queries)))
         for attempt in range(2):                       # one retry for malformed outputs
-            gens = self.lm.generate(EXP_SYSTEM, [prompts[i] for i in todo], self.params)
+            if attempt == 0:
+                gens = self.lm.generate(EXP_SYSTEM, [prompts[i] for i in todo], self.params)
+            else:   # seeded by the prompts, so a resumed run retries exactly as the original did
+                seed = zlib.crc32("\n".join(prompts[i] for i in todo).encode())
+                gens = self.lm.generate(EXP_SYSTEM, [prompts[i] for i in todo], self.retry_params,
+                                        generator=torch.Generator().manual_seed(seed))
             again = []
             for i, g in zip(todo, gens):
                 out = parse_exp(g.text)

@@ -95,6 +95,26 @@ def test_malformed_outputs_are_retried_counted_and_fail_the_step(setup):
     assert exp.stats["malformed"] == 4 and exp.stats["failed"] == 2, "one retry each, then counted"
 
 
+def test_the_retry_samples_and_can_repair_a_step(setup):
+    """A greedy retry would repeat the malformed answer: the retry samples (seeded by the prompts)."""
+    from engine import Generation
+    _, _, trajs = setup
+    t = trajs[0][0]
+    good = dg.exp_target("r", t.next_state, t.reward, t.done)
+    calls = []
+
+    class Scripted:                     # malformed first, well formed when sampled
+        def generate(self, system, users, params, generator=None):
+            calls.append((params.temperature, generator is not None))
+            return [Generation(good if params.temperature > 0 else "<state>oops", [], [], "stop") for _ in users]
+
+    exp = dg.ExperienceModel(Scripted(), None, k=0)
+    res = exp.step([dg.ExpQuery(t.task, t.history, t.state, t.action)])
+    assert calls == [(0.0, False), (0.7, True)]
+    assert res[0].ok and res[0].next_state == t.next_state.strip()
+    assert (exp.stats["malformed"], exp.stats["failed"]) == (1, 0)
+
+
 def test_endpoint_backend_matches_local_and_keeps_the_key_secret(setup, monkeypatch):
     cfg, lm, trajs = setup
     server = ChatServer(lm)
