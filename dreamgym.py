@@ -666,8 +666,7 @@ class ExperienceModel:
         self.reasoning, self.retrieval = reasoning, retrieval and k > 0
         self.params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, stop=(EXP_STOP,))
         # a greedy retry would repeat the same malformed answer: the retry samples
-        self.retry_params = SamplingParams(temperature=max(temperature, 0.7), max_new_tokens=max_new_tokens,
-                                           stop=(EXP_STOP,))
+        self.retry_params = dataclasses.replace(self.params, temperature=max(temperature, 0.7))
         self.stats = defaultdict(int)
 
     # -- the one format, used by SFT, the dream and eval
@@ -710,12 +709,11 @@ class ExperienceModel:
         results: list[ExpResult | None] = [None] * len(queries)
         todo = list(range(len(queries)))
         for attempt in range(2):                       # one retry for malformed outputs
-            if attempt == 0:
-                gens = self.lm.generate(EXP_SYSTEM, [prompts[i] for i in todo], self.params)
-            else:   # seeded by the prompts, so a resumed run retries exactly as the original did
-                seed = zlib.crc32("\n".join(prompts[i] for i in todo).encode())
-                gens = self.lm.generate(EXP_SYSTEM, [prompts[i] for i in todo], self.retry_params,
-                                        generator=torch.Generator().manual_seed(seed))
+            batch = [prompts[i] for i in todo]
+            # the retry is seeded by its prompts, so a resumed run retries exactly as the original did
+            params, gen = (self.params, None) if attempt == 0 else \
+                (self.retry_params, torch.Generator().manual_seed(zlib.crc32("\n".join(batch).encode())))
+            gens = self.lm.generate(EXP_SYSTEM, batch, params, generator=gen)
             again = []
             for i, g in zip(todo, gens):
                 out = parse_exp(g.text)

@@ -862,7 +862,6 @@ def run(cfg: Config) -> dict:
     res_path = os.path.join(cfg.out, "results.json")
     results = json.load(open(res_path)) if os.path.exists(res_path) else {}
 
-    # stages before RL: rank 0 builds and caches each artifact, the other ranks then load them
     # offline data and the buffer: rank 0 builds and caches them, then the other ranks load them
     if not DIST.main:
         DIST.barrier()

@@ -152,6 +152,15 @@ def _key_value(k):
 
 
 @jit
+def _load_tile(row_ptr, rmask, c, V):
+    """One [ROWS, BLOCK] tile of logits at columns c, as fp32, -inf outside the rows/vocabulary;
+    and its validity mask. Every pass over a row reads it this way."""
+    valid = rmask[:, None] & (c < V)[None, :]
+    x = tl.load(row_ptr + c[None, :], mask=valid, other=float("-inf")).to(tl.float32)
+    return x, valid
+
+
+@jit
 def _threshold_search(row_ptr, rmask, V, lo, hi, target, m_safe, inv_t,
                       MASS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """Per row, the largest key t in [lo, hi] with F(t) >= target, where F(t) is the count
@@ -172,8 +181,7 @@ def _threshold_search(row_ptr, rmask, V, lo, hi, target, m_safe, inv_t,
         below = tl.full([ROWS, BLOCK], KEY_MIN, tl.int32)
         for v0 in range(0, V, BLOCK):
             c = v0 + cols
-            valid = rmask[:, None] & (c < V)[None, :]
-            x = tl.load(row_ptr + c[None, :], mask=valid, other=float("-inf")).to(tl.float32)
+            x, valid = _load_tile(row_ptr, rmask, c, V)
             key = _ordered_key(x)
             ge = valid & (key.to(tl.int64) >= mid[:, None])
             if MASS:
@@ -209,8 +217,7 @@ def _sample_kernel(logits_ptr, stride, temp_ptr, topk_ptr, topp_ptr, minp_ptr, s
     kmin_l = tl.full([ROWS, BLOCK], KEY_MAX, tl.int32)
     for v0 in range(0, V, BLOCK):
         c = v0 + cols
-        valid = rmask[:, None] & (c < V)[None, :]
-        x = tl.load(row_ptr + c[None, :], mask=valid, other=NEG_INF).to(tl.float32)
+        x, valid = _load_tile(row_ptr, rmask, c, V)
         arg_l = tl.where(x > m_l, c[None, :], arg_l)   # strictly greater: the earlier index keeps ties
         m_new = tl.maximum(m_l, x)
         m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)  # nothing finite yet: sums stay 0, no NaN
@@ -256,8 +263,7 @@ def _sample_kernel(logits_ptr, stride, temp_ptr, topk_ptr, topp_ptr, minp_ptr, s
         alb_l = tl.full([ROWS, BLOCK], KEY_MAX, tl.int32)
         for v0 in range(0, V, BLOCK):
             c = v0 + cols
-            valid = rmask[:, None] & (c < V)[None, :]
-            x = tl.load(row_ptr + c[None, :], mask=valid, other=NEG_INF).to(tl.float32)
+            x, valid = _load_tile(row_ptr, rmask, c, V)
             key = _ordered_key(x)
             w = tl.exp((x - m_safe[:, None]) * inv_t[:, None])
             zk_l += tl.where(valid & (key.to(tl.int64) >= t_k[:, None]), w, 0.0)
@@ -282,8 +288,7 @@ def _sample_kernel(logits_ptr, stride, temp_ptr, topk_ptr, topp_ptr, minp_ptr, s
         zs_l = tl.zeros([ROWS, BLOCK], tl.float32)
         for v0 in range(0, V, BLOCK):
             c = v0 + cols
-            valid = rmask[:, None] & (c < V)[None, :]
-            x = tl.load(row_ptr + c[None, :], mask=valid, other=NEG_INF).to(tl.float32)
+            x, valid = _load_tile(row_ptr, rmask, c, V)
             kept = valid & (_ordered_key(x).to(tl.int64) >= thr[:, None])
             z = (x - m_safe[:, None]) * inv_t[:, None]
             zs_l += tl.where(kept, tl.exp(z), 0.0)
