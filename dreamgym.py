@@ -81,7 +81,7 @@ def parse_agent(text: str) -> tuple[str, str | None]:
 def demo_text(tr: "Transition") -> str:
     """A retrieved demonstration, compact: the action, what it did, and its outcome."""
     return (f"- {tr.action} -> {feedback_line(tr.next_state)} [reward {tr.reward:g}, "
-            f"done {'yes' if tr.done else 'no'}]")
+            f"done {'yes' if tr.terminal else 'no'}]")
 
 
 def exp_prompt(instruction: str, history: list[tuple[str, str]], state: str, action: str,
@@ -173,11 +173,20 @@ class Transition:
     done: bool
     success: bool = False
     invalid: bool = False
+    truncated: bool = False                         # done only because the step budget ran out
     history: list = field(default_factory=list)    # [(action, feedback), ...] before this step
     reasoning: str = ""                             # R*_t (annotated) or the model's own trace
     source: str = "real"                            # real | dream
     iteration: int = -1                             # training iteration that produced it (-1: offline)
     traj: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        """The environment ended the episode (success, failure, invalid action). A step-budget
+        truncation is not terminal: M_exp cannot see the step count (its history is the last few
+        turns), so learning `done` there would teach it to end dreamed episodes at random; the dream
+        enforces the budget itself, as the real env does."""
+        return self.done and not self.truncated
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -192,6 +201,12 @@ class Transition:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
+def _budget_end(task: Task, row: dict) -> bool:
+    """Data collected before envs reported `truncated`: a failed, valid last step at the budget."""
+    import envs
+    return bool(row["done"] and not row["success"] and not row["invalid"] and row["t"] + 1 >= envs.max_steps(task.env))
+
+
 def trajectories(rows: list[dict]) -> list[list[Transition]]:
     """Offline JSONL rows (envs/collect.py) -> trajectories of Transitions with their history."""
     by_traj = defaultdict(list)
@@ -202,10 +217,12 @@ def trajectories(rows: list[dict]) -> list[list[Transition]]:
         steps.sort(key=lambda r: r["t"])
         hist, traj = [], []
         for r in steps:
-            traj.append(Transition(task=Task.from_dict(r["task"]), t=r["t"], state=r["state"], action=r["action"],
+            task = Task.from_dict(r["task"])
+            truncated = r["truncated"] if "truncated" in r else _budget_end(task, r)
+            traj.append(Transition(task=task, t=r["t"], state=r["state"], action=r["action"],
                                    next_state=r["next_state"], reward=r["reward"], done=r["done"],
-                                   success=r["success"], invalid=r["invalid"], history=list(hist),
-                                   source="real", traj=name))
+                                   success=r["success"], invalid=r["invalid"], truncated=truncated,
+                                   history=list(hist), source="real", traj=name))
             hist.append((r["action"], feedback_line(r["next_state"])))
         out.append(traj)
     return out
@@ -429,8 +446,8 @@ class RuleAnnotator:
             parts.append("nothing visible changes")
         if tr.success:
             parts.append("this completes the task, so the reward is 1 and the episode ends")
-        elif tr.done:
-            parts.append("the step budget is spent without success: the episode ends with reward 0")
+        elif tr.terminal:
+            parts.append("this fails the task: the episode ends with reward 0")
         else:
             parts.append("the task is not finished yet")
         return "; ".join(parts) + "."
@@ -689,7 +706,7 @@ class ExperienceModel:
             demos += self.demos(qs[i:i + 1024], [t.traj for t in transitions[i:i + 1024]],
                                 self._buffer_emb(transitions[i:i + 1024]))
         return [(EXP_SYSTEM, self.prompt(q, d),
-                 exp_target(t.reasoning if self.reasoning else None, t.next_state, t.reward, t.done))
+                 exp_target(t.reasoning if self.reasoning else None, t.next_state, t.reward, t.terminal))
                 for q, d, t in zip(qs, demos, transitions)]
 
     def _buffer_emb(self, transitions: list[Transition]) -> np.ndarray | None:
@@ -884,13 +901,15 @@ class DreamEnv:
         for i, q, res in zip(valid, queries, self.exp.step(queries)):
             done = res.done or self.steps[i] >= self.max_steps
             out[i] = self._advance(i, q.action, res.next_state, res.reward if res.done else 0.0, done,
-                                   res.reasoning, model_failed=not res.ok)
+                                   res.reasoning, model_failed=not res.ok, truncated=not res.done and done)
         return out
 
-    def _advance(self, i, action, next_state, reward, done, reasoning, invalid=False, model_failed=False):
+    def _advance(self, i, action, next_state, reward, done, reasoning, invalid=False, model_failed=False,
+                 truncated=False):
         success = reward > 0.5 and done
         tr = Transition(task=self.tasks[i], t=self.steps[i] - 1, state=self.states[i], action=action,
                         next_state=next_state, reward=reward, done=done, success=success, invalid=invalid,
+                        truncated=truncated,
                         history=list(self.history[i]), reasoning=reasoning, source="dream",
                         iteration=self.iteration, traj=f"dream/{self.iteration}/{self.tasks[i].id}/{i}")
         self.history[i].append((action, feedback_line(next_state)))
@@ -932,7 +951,8 @@ def run_episodes(agent: LocalLM, env, tasks: list[Task], params, history: int = 
                 tr = Transition(task=tasks[i], t=len(hist[i]), state=states[i], action=actions[i] or "",
                                 next_state=r.state, reward=r.reward, done=r.done,
                                 success=bool(r.info.get("success")), invalid=bool(r.info.get("invalid")),
-                                history=list(hist[i]), source="real", traj=f"real/{tasks[i].id}/{i}")
+                                truncated=bool(r.info.get("truncated")), history=list(hist[i]), source="real",
+                                traj=f"real/{tasks[i].id}/{i}")
             eps[i].transitions.append(tr)
             hist[i].append((actions[i] or "", feedback_line(r.state)))
             states[i] = r.state

@@ -75,7 +75,7 @@ def fidelity(exp: dg.ExperienceModel, transitions: list[dg.Transition], batch: i
         n=len(transitions),
         reward_acc=float(np.mean([(p.reward > 0.5) == (t.reward > 0.5) for t, p in zip(transitions, preds)])),
         reward_acc_pos=float(np.mean([p.reward > 0.5 for _, p in pos])) if pos else float("nan"),
-        done_acc=float(np.mean([p.done == t.done for t, p in zip(transitions, preds)])),
+        done_acc=float(np.mean([p.done == t.terminal for t, p in zip(transitions, preds)])),
         invalid_detect=float(np.mean([p.done and p.reward < 0.5 for _, p in invalid])) if invalid else float("nan"),
         state_exact=float(np.mean([p.next_state.strip() == t.next_state.strip() for t, p in valid])) if valid else float("nan"),
         state_f1=float(np.mean([token_f1(p.next_state, t.next_state) for t, p in valid])) if valid else float("nan"),
@@ -177,7 +177,7 @@ def main(argv=None):
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("agent", help="real-env success of an agent checkpoint")
     a.add_argument("--ckpt", required=True)
-    a.add_argument("--env", default="twc")
+    a.add_argument("--env", default=train.Config.env)
     a.add_argument("--fold", default="test", choices=["dev", "test"])
     a.add_argument("--episodes", type=int, default=100)
     a.add_argument("--history", type=int, default=3)

@@ -87,12 +87,13 @@ class Config:
     tasks_per_iter: int = 8
     group_size: int = 8               # G rollouts per task (a GRPO group)
     lr: float = 5e-4
+    lr_warmup: int = 10               # optimizer steps of linear lr warmup: Adam's first steps are ~lr * sign(g)
     temperature: float = 1.0          # agent sampling temperature in rollouts
     clip_low: float = 0.2
     clip_high: float = 0.28           # DAPO clip-higher
     beta: float = 0.0                 # KL to the warm-start policy (k3); 0 = off, as TRL's default
-    minibatches: int = 2              # optimizer steps per iteration
-    update_epochs: int = 1
+    minibatches: int = 4              # optimizer steps per pass over the iteration's episodes
+    update_epochs: int = 2            # passes: 8 small clipped steps per iteration (2 big ones barely moved it)
     adv_scale: str = "group"          # GRPO: group | batch | none (TRL's scale_rewards)
     gamma: float = 1.0                # PPO / GAE over turns
     gae_lambda: float = 0.95
@@ -130,6 +131,7 @@ class Config:
             (self.eval_fold in ("dev", "test") and self.curve_fold in ("dev", "test"),
              "evaluate on a held-out fold: dev or test"),
             (self.minibatches >= 1 and self.update_epochs >= 1, "minibatches, update_epochs >= 1"),
+            (self.lr > 0 and self.lr_warmup >= 0, "lr > 0 and lr_warmup >= 0"),
             (self.k >= 0 and self.history >= 0, "k and history must be >= 0"),
             (self.agent_init in ("exp", "scratch"), "agent_init must be exp or scratch"),
             (self.annotator == "rule" or (self.annotator == "teacher" and self.teacher_model),
@@ -341,7 +343,7 @@ def tokenizer_corpus(trajs, tasks) -> list[str]:
         for t in traj:
             texts.append(dg.agent_prompt(t.task.instruction, t.history, t.state) + dg.agent_target(t.reasoning, t.action))
             texts.append(dg.exp_prompt(t.task.instruction, t.history, t.state, t.action, [t]) +
-                         dg.exp_target(t.reasoning, t.next_state, t.reward, t.done))
+                         dg.exp_target(t.reasoning, t.next_state, t.reward, t.terminal))
     texts += [dg.task_prompt(t) + dg.task_target(t) for t in tasks[:200]]
     return texts
 
@@ -506,6 +508,17 @@ def turn_values(agent: dg.LocalLM, head: ValueHead, episodes, cfg: Config) -> li
     return out
 
 
+def set_warmup_lr(opt, cfg: Config):
+    """Linear warmup over the first `lr_warmup` optimizer steps. The step count is Adam's own (saved in
+    the checkpoint), so a resumed run continues the schedule exactly. Why: with fresh moments Adam's
+    first updates move every weight by ~lr whatever the gradient's size, which a noisy policy gradient
+    on a small model does not survive at the lr it tolerates later."""
+    state = opt.state.get(opt.param_groups[0]["params"][0], {})
+    done = int(state["step"]) if "step" in state else 0
+    for g in opt.param_groups:
+        g["lr"] = cfg.lr * min(1.0, (done + 1) / max(1, cfg.lr_warmup))
+
+
 def update_policy(agent: dg.LocalLM, opt, episodes, cfg: Config, head: ValueHead | None, ref: dg.LocalLM | None):
     """One RL update from a batch of episodes: advantages, then clipped-surrogate steps over
     `minibatches` token-mean mini-batches (agent tokens only: prompts and env text are masked)."""
@@ -556,6 +569,7 @@ def update_policy(agent: dg.LocalLM, opt, episodes, cfg: Config, head: ValueHead
                 continue
             DIST.sum_grads(params)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            set_warmup_lr(opt, cfg)
             opt.step()
             opt.zero_grad(set_to_none=True)
     agent.model.eval()
@@ -783,7 +797,7 @@ def fidelity_table(cfg: Config, fold: str, n_traj: int = 150) -> dict:
 def annotated_trajectories(cfg: Config):
     rows = offline_data(cfg)
     trajs = dg.trajectories(rows)
-    name = "reasoning-" if cfg.annotator == "rule" else f"teacher-{cfg.teacher_model.replace('/', '_')}-"
+    name = "reasoning2-" if cfg.annotator == "rule" else f"teacher-{cfg.teacher_model.replace('/', '_')}-"
     cache = os.path.join(cfg.data_dir, "offline", name + os.path.basename(offline_path(cfg)))
     if cfg.annotator == "rule":
         annotator = dg.RuleAnnotator()

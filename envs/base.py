@@ -9,6 +9,9 @@ listing of what the task needs, not raw pages) and `info` carries at least
     "instruction": str        the task instruction
     "success": bool           the task was completed at this step
     "invalid": bool           the action was not admissible
+    "truncated": bool         (optional) the episode ended only because its step budget ran out:
+                              Gymnasium's truncated-vs-terminated split. The experience model is
+                              trained on termination; the dream enforces the budget itself.
 Rewards follow the paper (outcome-based, as in verl-agent/GiGPO): 1 only at the final step of a
 completed task, 0 otherwise; an invalid action ends the episode as a failure (or, with
 `invalid_action="step"`, costs a step and changes nothing).

@@ -56,7 +56,9 @@ def rollout(env, task: Task, policy: str, rng: random.Random, epsilon=0.3, p_inv
         next_state, reward, done, next_info = env.step(action)
         traj.append(dict(task=task.to_dict(), t=t, state=state, action=action,
                          admissible=info["admissible"], next_state=next_state, reward=reward, done=done,
-                         success=next_info["success"], invalid=next_info["invalid"], policy=policy))
+                         success=next_info["success"], invalid=next_info["invalid"], policy=policy,
+                         # envs that report no `truncated` get it derived on load (dreamgym.trajectories)
+                         **({"truncated": bool(next_info["truncated"])} if "truncated" in next_info else {})))
         state, info, t = next_state, next_info, t + 1
     return traj
 

@@ -258,9 +258,9 @@ class TextWorldEnv:
         self.admissible = admissible(info["validActions"])
         return self.state, self._info(success=False, invalid=False, raw=info["observation"])
 
-    def _info(self, success, invalid, raw):
+    def _info(self, success, invalid, raw, truncated=False):
         return {"admissible": self.admissible, "instruction": self.instruction, "success": success,
-                "invalid": invalid, "raw": raw, "steps": self.steps}
+                "invalid": invalid, "truncated": truncated, "raw": raw, "steps": self.steps}
 
     def step(self, action: str | None) -> tuple[str, float, bool, dict]:
         """action None means the agent's turn could not be parsed; it counts as invalid."""
@@ -274,19 +274,21 @@ class TextWorldEnv:
         self.actions.append(action)
         self.backend.key = self._key()
         success = bool(info["tasksuccess"]) or info["score"] >= 1.0
-        self.done = success or bool(info["taskfailure"]) or self.steps >= self.spec.max_steps
+        terminated = success or bool(info["taskfailure"])
+        self.done = terminated or self.steps >= self.spec.max_steps
         self.state = abstract_state(info["observation"], info)
         self.admissible = admissible(info["validActions"])
-        return self.state, float(success), self.done, self._info(success, False, info["observation"])
+        return self.state, float(success), self.done, self._info(success, False, info["observation"],
+                                                                  truncated=self.done and not terminated)
 
     def _invalid(self, action):
         shown = action if action is not None else "(unparseable)"
         if self.invalid_action == "fail":
-            self.done = True
+            self.done, truncated = True, False
         else:
-            self.done = self.steps >= self.spec.max_steps
+            self.done = truncated = self.steps >= self.spec.max_steps
         self.state = replace_feedback(self.state, f"Invalid action: {shown}.")
-        return self.state, 0.0, self.done, self._info(False, True, "")
+        return self.state, 0.0, self.done, self._info(False, True, "", truncated)
 
     def gold_actions(self) -> list[str]:
         """The game's gold action sequence for the current task (from a fresh copy of the game)."""

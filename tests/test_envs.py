@@ -51,7 +51,11 @@ def test_step_limit_ends_episode():
     _, _, done, info = env.step(a)
     assert not done
     _, _, done, info = env.step(info["admissible"][0])
-    assert done and not info["success"]
+    assert done and not info["success"] and info["truncated"], "the budget truncates, it does not terminate"
+    env = make_env("twc")
+    env.reset(Task("twc", "train", 3))
+    _, _, done, info = env.step("fly to the moon")
+    assert done and not info["truncated"], "an invalid action terminates the episode"
 
 
 def test_folds_are_disjoint_and_enforced():

@@ -11,6 +11,7 @@ import torch
 import dreamgym as dg
 import train
 from engine import SamplingParams
+import envs
 from envs import Task
 
 
@@ -168,3 +169,31 @@ def test_fidelity_metrics(setup):
     assert f["n"] == len(flat)
     for key in ("reward_acc", "done_acc", "state_f1", "parse_fail"):
         assert 0.0 <= f[key] <= 1.0
+
+
+def test_step_budget_truncation_is_not_taught_as_termination():
+    """M_exp cannot see the step count, so a done caused only by the budget must not be in its
+    targets (it would learn to end dreamed episodes at random); the dream enforces the budget."""
+    task = Task("coin", "train", 1)
+    row = lambda t, done, **kw: dict(task=task.to_dict(), t=t, state="s", action="move east", next_state="n",
+                                     reward=0.0, done=done, success=False, invalid=False, traj="x", **kw)
+    budget = envs.max_steps("coin")
+    old = dg.trajectories([row(t, t == budget - 1) for t in range(budget)])[0]   # rows without the field
+    assert old[-1].done and old[-1].truncated and not old[-1].terminal
+    assert not any(t.truncated for t in old[:-1])
+    new = dg.trajectories([row(0, True, truncated=False)])[0]     # the env's own flag wins
+    assert new[0].terminal
+    target = dg.ExperienceModel(None, None, k=0).sft_examples([old[-1]])[0][2]
+    assert target.endswith("<done>no</done>") and "fails" not in dg.RuleAnnotator().explain(old[-1])
+
+    class Never:                                 # M_exp never ends an episode
+        def generate(self, system, users, params, generator=None):
+            from engine import Generation
+            return [Generation("<think>r</think><state>feedback: ok\nactions: move east</state><reward>0</reward>"
+                               "<done>no</done>", [], [], "stop") for _ in users]
+    start = Task("coin", "train", 1, init_state="feedback: start\nactions: move east")
+    env = dg.DreamEnv(dg.ExperienceModel(Never(), None, k=0), max_steps=2)
+    env.reset([start])
+    assert not env.step({0: "move east"})[0].done
+    last = env.step({0: "move east"})[0]
+    assert last.done and last.info["transition"].truncated and not last.info["transition"].terminal

@@ -121,3 +121,25 @@ def test_task_generator_validates_candidates():
     assert [t.init_state for t in out] == [new_state] and out[0].parent == seed.id
     assert (gen.stats["malformed"], gen.stats["duplicate"], gen.stats["unknown_words"]) == (2, 1, 1)
     assert len(dg.TaskGenerator(Scripted()).generate([seed], len(texts), {state})) == 2   # no vocabulary check
+
+
+def test_rl_lr_warmup_follows_adams_own_step_count():
+    """Linear warmup over `lr_warmup` optimizer steps, read from Adam's saved step count, so a
+    resumed run (optimizer state restored) continues the schedule where it stopped."""
+    import train
+    cfg = train.Config(lr=1e-3, lr_warmup=4)
+    w = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([w], lr=cfg.lr)
+    lrs = []
+    for _ in range(6):
+        w.grad = torch.ones(3)
+        train.set_warmup_lr(opt, cfg)
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    resumed = torch.optim.AdamW([w], lr=cfg.lr)
+    resumed.load_state_dict(opt.state_dict())
+    train.set_warmup_lr(resumed, cfg)
+    assert resumed.param_groups[0]["lr"] == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="lr_warmup"):
+        train.Config(lr_warmup=-1).validate()
