@@ -574,8 +574,8 @@ def update_policy(agent: dg.LocalLM, opt, episodes, cfg: Config, head: ValueHead
             opt.zero_grad(set_to_none=True)
     agent.model.eval()
     n = max(1, stats["tokens"])
-    return dict(loss=stats["loss"], clipfrac=stats["clipfrac"] / n, entropy=stats["entropy"] / n,
-                vloss=stats["vloss"], agent_tokens=stats["tokens"])
+    return dict(loss=stats["loss"] / cfg.update_epochs, clipfrac=stats["clipfrac"] / n, entropy=stats["entropy"] / n,
+                vloss=stats["vloss"] / cfg.update_epochs, agent_tokens=sum(len(t.response_ids) for t, _, _ in items))
 
 
 def iteration_tasks(cfg: Config, st: RLState, real: list[Task], rng: random.Random, phase: str):
