@@ -15,6 +15,7 @@ import re
 from collections import Counter
 
 import numpy as np
+import torch
 
 import dreamgym as dg
 import envs
@@ -29,15 +30,20 @@ def eval_tasks(env: str, fold: str, n: int) -> list[Task]:
 
 
 def evaluate_agent(agent: dg.LocalLM, env: str, fold: str = "test", episodes: int = 100, history: int = 3,
-                   batch: int = 64) -> dict:
-    """Real-env success rate, mean reward, steps and format-error rate over a fold's first seeds."""
+                   batch: int = 64, temperature: float = 0.0, samples: int = 1, seed: int = 0) -> dict:
+    """Real-env success rate, mean reward, steps and format-error rate over a fold's first seeds.
+    Greedy by default. With temperature > 0 every task is played `samples` times (seeded): the
+    success of the policy RL actually trains, which a greedy argmax can hide (see README)."""
     from engine import SamplingParams
-    params = SamplingParams(temperature=0.0, max_new_tokens=64, stop=(dg.AGENT_STOP,))
+    if temperature == 0 and samples != 1:
+        raise ValueError("greedy evaluation is deterministic: use samples=1")
+    params = SamplingParams(temperature=temperature, max_new_tokens=64, stop=(dg.AGENT_STOP,))
+    gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
     eps = []
-    tasks = eval_tasks(env, fold, episodes)
+    tasks = [t for t in eval_tasks(env, fold, episodes) for _ in range(samples)]
     for i in range(0, len(tasks), batch):
         chunk = tasks[i:i + batch]
-        eps += dg.run_episodes(agent, dg.make_real_env(env, len(chunk)), chunk, params, history)
+        eps += dg.run_episodes(agent, dg.make_real_env(env, len(chunk)), chunk, params, history, generator=gen)
     turns = sum(len(e.turns) for e in eps)
     return dict(success=float(np.mean([e.success for e in eps])), reward=float(np.mean([e.reward for e in eps])),
                 steps=float(np.mean([len(e.turns) for e in eps])),
@@ -121,6 +127,23 @@ METHODS = [
 ]
 
 
+SAMPLES = 4          # sampled evaluation: each test task played 4 times at temperature 1
+
+
+def sampled_successes(cfg, run_dir: str, seed: int) -> dict:
+    """Test success of the warm start and of the run's final agent at temperature 1 (SAMPLES per
+    task, seeded by the run's seed), next to the greedy numbers train.run reports."""
+    import train
+    dev = train.device_of(cfg)
+    warm = cfg.warm_ckpt or os.path.join(run_dir, "agent_warm")
+    out = {}
+    for key, path in (("warm_sampled", warm), ("final_sampled", os.path.join(run_dir, "ckpt", "agent"))):
+        agent = train.load_lm(cfg, path, dev, trainable=False)
+        out[key] = evaluate_agent(agent, cfg.env, cfg.eval_fold, cfg.eval_episodes, cfg.history, temperature=1.0,
+                                  samples=SAMPLES, seed=seed)
+    return out
+
+
 def mean_std(xs: list[float]) -> str:
     return f"{100 * np.mean(xs):.1f} ± {100 * np.std(xs):.1f}" if xs else "-"
 
@@ -145,19 +168,24 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
             cfg.validate()
             res_file = os.path.join(run_dir, "results.json")
             res = json.load(open(res_file)) if os.path.exists(res_file) else train.run(cfg)
+            if "final_sampled" not in res:          # cached runs from before this column get it added
+                res.update(sampled_successes(cfg, run_dir, seed))
+                train.write_json(res_file, res)
             results[name].append(res)
             if own_exp and cfg.mode != "real" and not overrides.get("exp_ckpt"):   # a shared M_exp: once, by hand
                 key = {"DreamGym-GRPO": "full"}.get(name, name.split(": ")[-1])
                 fid.setdefault(key, []).append(train.fidelity_table(cfg, cfg.eval_fold))
-    warm = [results[chosen[0][0]][i]["warm"]["success"] for i in range(len(seeds))]
-    rows = [dict(method="SFT (warm start)", real_transitions=int(np.mean(
-        [results[chosen[0][0]][i]["warm_transitions"] for i in range(len(seeds))])), success=mean_std(warm))]
+    first = results[chosen[0][0]]
+    rows = [dict(method="SFT (warm start)", real_transitions=int(np.mean([r["warm_transitions"] for r in first])),
+                 success=mean_std([r["warm"]["success"] for r in first]),
+                 success_sampled=mean_std([r["warm_sampled"]["success"] for r in first]))]
     for name, _, _ in chosen:
         rs = results[name]
         rows.append(dict(method=name, real_transitions=int(np.mean([r["warm_transitions"] + r["rl_real_transitions"]
                                                                         for r in rs])),
-                         success=mean_std([r["final"]["success"] for r in rs])))
-    text = format_table(rows, ["method", "real_transitions", "success"])
+                         success=mean_std([r["final"]["success"] for r in rs]),
+                         success_sampled=mean_std([r["final_sampled"]["success"] for r in rs])))
+    text = format_table(rows, ["method", "real_transitions", "success", "success_sampled"])
     if fid:
         frows = [dict(model=k, **{m: mean_std([f[m] for f in v]) for m in
                                   ("reward_acc", "reward_acc_pos", "done_acc", "invalid_detect", "state_exact",
@@ -181,6 +209,8 @@ def main(argv=None):
     a.add_argument("--fold", default="test", choices=["dev", "test"])
     a.add_argument("--episodes", type=int, default=100)
     a.add_argument("--history", type=int, default=3)
+    a.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    a.add_argument("--samples", type=int, default=1, help="plays per task when sampling")
     f = sub.add_parser("fidelity", help="fidelity of a run's experience model on held-out transitions")
     f.add_argument("--run", required=True, help="a run folder (its exp_model, buffer and config.json)")
     f.add_argument("--fold", default="test", choices=["dev", "test"])
@@ -202,7 +232,8 @@ def main(argv=None):
     if args.cmd == "agent":
         envs.max_steps(args.env)
         agent = train.load_lm(train.Config(), args.ckpt, dev, trainable=False)
-        print(json.dumps(evaluate_agent(agent, args.env, args.fold, args.episodes, args.history), indent=1))
+        print(json.dumps(evaluate_agent(agent, args.env, args.fold, args.episodes, args.history,
+                                        temperature=args.temperature, samples=args.samples), indent=1))
     else:
         cfg = train.Config(**json.load(open(os.path.join(args.run, "config.json"))))
         print(json.dumps(train.fidelity_table(cfg, args.fold, args.trajectories), indent=1))

@@ -110,3 +110,16 @@ def test_config_is_validated_at_start(tmp_path):
     with pytest.raises(SystemExit):
         train.parse_args(["--no_such_flag", "1"])
     assert train.parse_args(["--reasoning", "false", "--iterations", "7"]).reasoning is False
+
+
+def test_sampled_evaluation_plays_each_task_n_times_reproducibly(tiny_run):
+    from eval import evaluate_agent, sampled_successes
+    _, cfg, _ = tiny_run
+    agent = train.load_lm(cfg, os.path.join(cfg.out, "agent_warm"), torch.device("cpu"), trainable=False)
+    a = evaluate_agent(agent, cfg.env, "dev", 3, temperature=1.0, samples=2, seed=5)
+    b = evaluate_agent(agent, cfg.env, "dev", 3, temperature=1.0, samples=2, seed=5)
+    assert a["episodes"] == 6 and a == b, "sampled evaluation is seeded"
+    with pytest.raises(ValueError, match="greedy"):
+        evaluate_agent(agent, cfg.env, "dev", 3, samples=2)
+    res = sampled_successes(cfg, cfg.out, 0)
+    assert set(res) == {"warm_sampled", "final_sampled"} and res["final_sampled"]["episodes"] == 4 * cfg.eval_episodes
