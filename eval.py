@@ -4,7 +4,8 @@
     python eval.py fidelity --run runs/default --fold test      # reward/done/state accuracy of M_exp
 
 Agents are evaluated greedily (temperature 0) on the first `episodes` seeds of a held-out fold,
-batched, so the same checkpoint always gets the same number.
+batched, so the same checkpoint always gets the same number; `--temperature 1 --samples 4` measures
+the sampled policy that RL trains (seeded, so also reproducible).
 """
 from __future__ import annotations
 
