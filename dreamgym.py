@@ -124,11 +124,12 @@ def parse_exp(text: str) -> ExpOutput | None:
         return None
     if not math.isfinite(reward):
         return None
-    state = m.group(2).strip()
-    if not well_formed_state(state):     # a broken state would poison every later turn of the dream
+    state, done = m.group(2).strip(), m.group(4).lower() in ("yes", "true", "1")
+    # a broken state would poison every later turn of the dream; a final state may list no actions
+    # (a MiniWoB page is gone once the episode ends: `actions: none`)
+    if not well_formed_state(state, final=done):
         return None
-    return ExpOutput((m.group(1) or "").strip(), state, min(max(reward, 0.0), 1.0),
-                     m.group(4).lower() in ("yes", "true", "1"))
+    return ExpOutput((m.group(1) or "").strip(), state, min(max(reward, 0.0), 1.0), done)
 
 
 def task_prompt(seed: Task) -> str:
@@ -143,14 +144,16 @@ _TASK_RE = re.compile(r"^\s*<task>(.*?)</task>\s*<state>(.*?)</state>", re.S)
 _STATE_LINE = re.compile(r"^[a-z][a-z ]*: \S")
 
 
-def well_formed_state(state: str) -> bool:
+def well_formed_state(state: str, final: bool = False) -> bool:
     """The shared abstract-state format (envs/base.py): `aspect: value` lines, starting with the
-    feedback line and ending with the action list, which names at least one action."""
+    feedback line and ending with the action list, which names at least one action unless the
+    state is `final` (the episode's last: nothing is left to do, so `actions: none` is right)."""
     lines = state.strip().split("\n")
     if len(lines) < 2 or not all(_STATE_LINE.match(ln) for ln in lines):
         return False
-    return lines[0].startswith("feedback:") and lines[-1].startswith("actions:") and bool(
-        parse_state_actions(lines[-1]))
+    actions = parse_state_actions(lines[-1])
+    return lines[0].startswith("feedback:") and lines[-1].startswith("actions:") and actions is not None and (
+        bool(actions) or final)
 
 
 def parse_task(text: str) -> tuple[str, str] | None:
@@ -418,10 +421,11 @@ def _items(state: str, key: str) -> set[str]:
 
 
 class RuleAnnotator:
-    """R*_t for TextWorldExpress without a teacher model: explain each real transition from what
-    changed between the two abstract states (things moved, containers opened, room changed), whether
-    the action was admissible, and whether it finished the task. Deterministic and instant, so the
-    CPU pipeline has reasoning traces; the teacher LLM path below is the paper's."""
+    """R*_t without a teacher model: explain each real transition from what changed between the two
+    abstract states (TextWorldExpress: things moved, containers opened, room changed; web pages:
+    elements that appeared or changed, the page closing), whether the action was admissible, and
+    whether it finished the task. Deterministic and instant, so the CPU pipeline has reasoning
+    traces; the teacher LLM path below is the paper's."""
 
     def annotate(self, traj: list[Transition]) -> list[str]:
         return [self.explain(tr) for tr in traj]
@@ -442,6 +446,11 @@ class RuleAnnotator:
         if room_a == room_b:
             for x in sorted(after - before):
                 parts.append(f"now {x}")
+        els_b, els_a = _items(tr.state, "elements"), _items(tr.next_state, "elements")   # web states
+        if els_b and not els_a:
+            parts.append("the page closes")
+        else:
+            parts += [f"now {x}" for x in sorted(els_a - els_b)]   # typed text, a checked box, a new page
         if not parts:
             parts.append("nothing visible changes")
         if tr.success:

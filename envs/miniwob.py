@@ -1,4 +1,4 @@
-"""MiniWoB++ (Liu et al. 2018) in a real headless Chromium: `miniwob:<task>[,max_steps=N]`.
+"""MiniWoB++ (Liu et al. 2018) in a real headless Chromium: `miniwob:<task>[+<task>...][,max_steps=N]`.
 
 WebArena-Lite needs its own web servers, which cannot run here; MiniWoB++ runs the same web path
 for real on a CPU machine: a page in Chromium, read as a list of actionable elements (envs/web.py),
@@ -15,6 +15,10 @@ a CPU thinks slower than that, and our own step limit bounds the episode instead
 Cheap episodes: one browser per task per process, shared by all episodes. A MiniWoB episode is a
 pure function of (task, seed, actions), so an episode whose page is not the one in the browser is
 restored by replaying its actions (the TextWorld adapter does the same with its JVM).
+
+Several tasks: `miniwob:click-button+enter-text` is one environment whose seed s plays task
+number s mod n (in the order given), so one experience model and one agent learn them together
+(the paper trains one M_exp per benchmark, not per web task); each task keeps its own browser.
 
 Expert: `gold_actions()` reads the utterance's fields and the element list for the tasks in SOLVERS
 (click-button, click-link, click-tab, click-dialog, focus-text, enter-text, login-user,
@@ -40,8 +44,8 @@ QUIET_FLAGS = ("--disable-background-networking", "--disable-component-update", 
 NO_TIMEOUT_MS = 1_000_000_000   # ~11 days: setTimeout's limit is ~24.8 days
 
 
-def parse_spec(spec: str) -> tuple[str, int]:
-    """'miniwob:click-button' or 'miniwob:click-button,max_steps=5' -> (task, max steps)."""
+def parse_spec(spec: str) -> tuple[tuple[str, ...], int]:
+    """'miniwob:click-button' or 'miniwob:click-button+enter-text,max_steps=5' -> (tasks, max steps)."""
     rest = spec.partition(":")[2]
     task, _, opt = rest.partition(",")
     max_steps = MAX_STEPS
@@ -50,9 +54,18 @@ def parse_spec(spec: str) -> tuple[str, int]:
         if not m:
             raise ValueError(f"bad option {opt!r} in {spec!r}: expected max_steps=N")
         max_steps = int(m.group(1))
-    if not re.fullmatch(r"[a-z0-9-]+", task):
-        raise ValueError(f"expected 'miniwob:<task>' (e.g. miniwob:click-button), got {spec!r}")
-    return task, max_steps
+    if not re.fullmatch(r"[a-z0-9-]+(\+[a-z0-9-]+)*", task):
+        raise ValueError(f"expected 'miniwob:<task>[+<task>...]' (e.g. miniwob:click-button), got {spec!r}")
+    names = tuple(task.split("+"))
+    if len(set(names)) != len(names):
+        raise ValueError(f"a task is named twice in {spec!r}")
+    return names, max_steps
+
+
+def task_of(spec: str, seed: int) -> str:
+    """The MiniWoB task a seed plays: seeds take the spec's tasks in turn."""
+    names = parse_spec(spec)[0]
+    return names[seed % len(names)]
 
 
 def max_steps(spec: str) -> int:
@@ -224,10 +237,9 @@ class MiniWoBEnv:
     def __init__(self, spec: str, invalid_action: str = "fail"):
         if invalid_action not in ("fail", "step"):
             raise ValueError("invalid_action must be 'fail' or 'step'")
-        self.name, self.max_steps = parse_spec(spec)
-        self.invalid_action = invalid_action
-        self.browser = _Browser.get(self.name)
-        self.has_expert = self.name in SOLVERS
+        self.names, self.max_steps = parse_spec(spec)
+        self.spec, self.invalid_action = spec, invalid_action
+        self.has_expert = all(n in SOLVERS for n in self.names)
         self.task = None
 
     def _key(self):
@@ -249,6 +261,8 @@ class MiniWoBEnv:
             r = FOLD_SEEDS[task.fold]
             raise ValueError(f"seed {task.seed} is not in the {task.fold} fold ({r.start}-{r.stop - 1})")
         self.task, self.actions, self.steps, self.done = task, [], 0, False
+        self.name = task_of(self.spec, task.seed)
+        self.browser = _Browser.get(self.name)
         obs = self.browser.reset(task.seed)
         self.browser.key = self._key()
         self.instruction = web.clean(obs["utterance"])

@@ -153,6 +153,31 @@ def test_miniwob_collect_expert_and_filtered_random():
         collect("miniwob:click-test-2", 1, 0, 0, progress=False)
 
 
+def test_miniwob_spec_names_one_or_more_tasks():
+    """Pure spec parsing (no browser): tasks in turn by seed, a shared step limit, and clear errors."""
+    from envs import miniwob
+    assert miniwob.parse_spec("miniwob:click-button") == (("click-button",), miniwob.MAX_STEPS)
+    assert miniwob.parse_spec("miniwob:click-button+enter-text,max_steps=4") == (("click-button", "enter-text"), 4)
+    assert [miniwob.task_of("miniwob:a+b+c", s) for s in (20000, 20001, 20002, 20003)] == ["c", "a", "b", "c"]
+    for bad in ("miniwob:", "miniwob:a+", "miniwob:A", "miniwob:a+a", "miniwob:a,steps=3"):
+        with pytest.raises(ValueError):
+            miniwob.parse_spec(bad)
+
+
+@needs_miniwob
+def test_miniwob_several_tasks_in_one_env():
+    spec = "miniwob:click-button+enter-text"
+    env = make_env(spec)
+    for seed, task in ((10, "click-button"), (11, "enter-text"), (12, "click-button")):
+        _, info = env.reset(Task(spec, "train", seed))
+        assert env.name == task
+        alone = make_env(f"miniwob:{task}")
+        assert alone.reset(Task(f"miniwob:{task}", "train", seed))[1]["instruction"] == info["instruction"]
+        for a in env.gold_actions():
+            _, r, done, info = env.step(a)
+        assert done and r == 1.0 and info["success"], (task, seed)
+
+
 # ----------------------------------------------------------------------------- WebShop (real server)
 def _webshop_missing() -> str | None:
     url = os.environ.get("WEBSHOP_URL")

@@ -159,6 +159,21 @@ def test_rule_annotator_explains_changes():
     assert "not one of the listed actions" in dg.RuleAnnotator().explain(bad)
 
 
+def test_rule_annotator_explains_web_pages():
+    """Web states (envs/web.py) change in their element list; a page that closes without success
+    is the environment failing the task, not the step budget."""
+    s0 = ('feedback: -\npage: Enter "ann"\nelements: [5] TEXTBOX: tt (empty); [6] BUTTON: Submit\n'
+          "actions: click [5] | click [6] | type [5] ann")
+    s1 = ('feedback: typed "ann" into [5] TEXTBOX\npage: Enter "ann"\nelements: [5] TEXTBOX: tt "ann", focused; '
+          "[6] BUTTON: Submit\nactions: click [5] | click [6] | type [5] ann")
+    end = "feedback: clicked [6] BUTTON. Episode over: task failed.\npage: -\nelements: none\nactions: none"
+    task = Task("miniwob:enter-text", "train", 0)
+    typed = dg.RuleAnnotator().explain(dg.Transition(task, 0, s0, "type [5] ann", s1, 0.0, False))
+    assert typed == 'now [5] TEXTBOX: tt "ann", focused; the task is not finished yet.'
+    failed = dg.RuleAnnotator().explain(dg.Transition(task, 0, s0, "click [6]", end, 0.0, True))
+    assert failed == "the page closes; this fails the task: the episode ends with reward 0."
+
+
 def test_fidelity_metrics(setup):
     from eval import fidelity, token_f1
     cfg, lm, trajs = setup

@@ -31,6 +31,16 @@ def test_exp_round_trip_and_clipping():
         assert dg.parse_exp(bad) is None, bad
 
 
+def test_final_state_may_list_no_actions():
+    """A MiniWoB page is gone once its episode ends (`actions: none`): M_exp must be able to write
+    that final state, but a state the episode goes on from needs actions, and so does a new task."""
+    final = 'feedback: clicked [4] BUTTON. Episode over: task complete.\npage: -\nelements: none\nactions: none'
+    assert dg.parse_exp(dg.exp_target("r", final, 1.0, True)) == dg.ExpOutput("r", final, 1.0, True)
+    assert dg.parse_exp(dg.exp_target("r", final, 0.0, False)) is None
+    assert dg.well_formed_state(final, final=True) and not dg.well_formed_state(final)
+    assert dg.parse_task(f"<task>click ok</task><state>{final}</state>") is None
+
+
 def test_task_format():
     t = dg.Task("twc", "train", 1, instruction="put things away", init_state=STATE)
     assert dg.parse_task(dg.task_target(t)) == ("put things away", STATE)
