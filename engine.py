@@ -244,11 +244,17 @@ class Engine:
         if mask is not None and self.config._attn_implementation == "eager":   # eager adds a float mask
             mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(
                 ~mask, torch.finfo(h.dtype).min)
-        for layer in dec.layers:
-            h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rope, use_cache=True,
-                      **{self._cache_kw: cache})
+        kw = dict(attention_mask=mask, position_ids=pos, position_embeddings=rope, use_cache=True,
+                  **{self._cache_kw: cache})
+        *body, final = dec.layers
+        for layer in body:
+            h = layer(h, **kw)
+        # Only each row's last position reaches the logits: the final layer's attention runs on every
+        # position (their K/V fill the cache), its MLP (3/4 of the layer's FLOPs) on the last one only.
+        # The wiring is the decoder layer's own, the same in every FAST_MODEL_TYPES model.
+        h = h + final.self_attn(final.input_layernorm(h), **kw)[0]
         h = h[:, -1] if last is None else h[torch.arange(h.shape[0], device=h.device), last]
-        return self._head(dec.norm(h))
+        return self._head(dec.norm(h + final.mlp(final.post_attention_layernorm(h))))
 
     def _hf_forward(self, ids, pos, mask2d, cache):
         kw = {self._cache_kw: cache, "use_cache": True}
