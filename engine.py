@@ -19,19 +19,23 @@ Two forward paths, both through the model's own modules (LoRA and 4-bit layers i
 * fast (Llama / Qwen2 / Qwen3 / Mistral with SDPA or eager attention): the decoder layers are
   called directly with a preallocated cache (`KVCache`: written in place, no torch.cat per step)
   and our own boolean mask; prompts are right-padded, so without a cached prefix the prefill is
-  plain causal attention, in row chunks so that activations stay in CPU caches;
+  plain causal attention, in row chunks so that activations stay in CPU caches; the final layer's
+  MLP runs on each row's last position only (the only logits used);
 * generic (any other model, flash-attention-2, sliding windows longer than the window): the
   model's forward with a `DynamicCache`, a 2D attention mask and explicit position_ids.
-On CUDA the fast path's decode step runs with static shapes and is captured in a CUDA graph
-(`cuda_graphs=True`), recaptured after each compaction; a failed capture falls back to eager.
-The capture/replay is NOT tested (no GPU on the test machines); the static-shape step it captures
-is, on CPU. Call `generate` from one thread at a time.
+The fast path's decode step runs with static shapes (attention over the whole preallocated cache,
+unwritten columns zero and masked): on CUDA it is captured in a CUDA graph (`cuda_graphs=True`),
+recaptured after each compaction, a failed capture falls back to eager; on CPU it runs uncaptured
+with the engine's own attention function (`_cpu_decode_attention`, two bmm over the contiguous
+buffers). The capture/replay is NOT tested (no GPU on the test machines); the static-shape step it
+captures is, on CPU. Call `generate` from one thread at a time.
 """
 from __future__ import annotations
 
 import inspect
 import warnings
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -253,17 +257,13 @@ class Engine:
         kw = dict(attention_mask=mask, position_ids=pos, position_embeddings=rope, use_cache=True,
                   **{self._cache_kw: cache})
         *body, final = dec.layers
-        impl = cfg._attn_implementation          # the modules look their attention function up here
-        cfg._attn_implementation = CPU_DECODE_ATTENTION if cpu_attention else impl
-        try:
+        with _attention_function(cfg, CPU_DECODE_ATTENTION if cpu_attention else None):
             for layer in body:
                 h = layer(h, **kw)
             # Only each row's last position reaches the logits: the final layer's attention runs on every
             # position (their K/V fill the cache), its MLP (3/4 of the layer's FLOPs) on the last one only.
             # The wiring is the decoder layer's own, the same in every FAST_MODEL_TYPES model.
             h = h + final.self_attn(final.input_layernorm(h), **kw)[0]
-        finally:
-            cfg._attn_implementation = impl
         h = h[:, -1] if last is None else h[torch.arange(h.shape[0], device=h.device), last]
         return self._head(dec.norm(h + final.mlp(final.post_attention_layernorm(h))))
 
@@ -348,6 +348,20 @@ class Engine:
 
 
 CPU_DECODE_ATTENTION = "dreamgym_cpu_decode"
+
+
+@contextmanager
+def _attention_function(config, name):
+    """HF attention modules look their attention function up in config._attn_implementation at each
+    call: point it at `name` (registered in transformers' AttentionInterface) for this forward only."""
+    old = config._attn_implementation
+    if name:
+        config._attn_implementation = name
+    try:
+        yield
+    finally:
+        if name:
+            config._attn_implementation = old
 
 
 def _cpu_decode_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
