@@ -33,6 +33,7 @@ captures is, on CPU. Call `generate` from one thread at a time.
 from __future__ import annotations
 
 import inspect
+import threading
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -257,7 +258,7 @@ class Engine:
         kw = dict(attention_mask=mask, position_ids=pos, position_embeddings=rope, use_cache=True,
                   **{self._cache_kw: cache})
         *body, final = dec.layers
-        with _attention_function(cfg, CPU_DECODE_ATTENTION if cpu_attention else None):
+        with _FORWARD_LOCK, _attention_function(cfg, CPU_DECODE_ATTENTION if cpu_attention else None):
             for layer in body:
                 h = layer(h, **kw)
             # Only each row's last position reaches the logits: the final layer's attention runs on every
@@ -271,7 +272,8 @@ class Engine:
         kw = {self._cache_kw: cache, "use_cache": True}
         if self._keep_kw:
             kw["logits_to_keep"] = 1
-        out = self.model(input_ids=ids, attention_mask=mask2d.long(), position_ids=pos, **kw)
+        with _FORWARD_LOCK:                 # never while another engine's forward has switched the attention
+            out = self.model(input_ids=ids, attention_mask=mask2d.long(), position_ids=pos, **kw)
         return out.logits[:, -1]
 
     @staticmethod
@@ -348,6 +350,10 @@ class Engine:
 
 
 CPU_DECODE_ATTENTION = "dreamgym_cpu_decode"
+# The switch below is visible to every user of the model's config: engine forwards take this lock,
+# so engines called from several threads (e.g. a server) never see another's switched attention.
+# Calling the same model outside an engine while an engine decodes on CPU is not supported.
+_FORWARD_LOCK = threading.Lock()
 
 
 @contextmanager
