@@ -19,19 +19,24 @@ Two forward paths, both through the model's own modules (LoRA and 4-bit layers i
 * fast (Llama / Qwen2 / Qwen3 / Mistral with SDPA or eager attention): the decoder layers are
   called directly with a preallocated cache (`KVCache`: written in place, no torch.cat per step)
   and our own boolean mask; prompts are right-padded, so without a cached prefix the prefill is
-  plain causal attention, in row chunks so that activations stay in CPU caches;
+  plain causal attention, in row chunks so that activations stay in CPU caches; the final layer's
+  MLP runs on each row's last position only (the only logits used);
 * generic (any other model, flash-attention-2, sliding windows longer than the window): the
   model's forward with a `DynamicCache`, a 2D attention mask and explicit position_ids.
-On CUDA the fast path's decode step runs with static shapes and is captured in a CUDA graph
-(`cuda_graphs=True`), recaptured after each compaction; a failed capture falls back to eager.
-The capture/replay is NOT tested (no GPU on the test machines); the static-shape step it captures
-is, on CPU. Call `generate` from one thread at a time.
+The fast path's decode step runs with static shapes (attention over the whole preallocated cache,
+unwritten columns zero and masked): on CUDA it is captured in a CUDA graph (`cuda_graphs=True`),
+recaptured after each compaction, a failed capture falls back to eager; on CPU it runs uncaptured
+with the engine's own attention function (`_cpu_decode_attention`, two bmm over the contiguous
+buffers). The capture/replay is NOT tested (no GPU on the test machines); the static-shape step it
+captures is, on CPU. Call `generate` from one thread at a time.
 """
 from __future__ import annotations
 
 import inspect
+import threading
 import warnings
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -100,11 +105,16 @@ class Engine:
                  prefill_tokens: int | None = None, compact_fraction: float = 0.25, cuda_graphs: bool = True,
                  fast_path: bool = True, eos_token_ids=None):
         """max_batch: rows decoded together; prefill_tokens: tokens per prefill chunk (fast path;
-        default 2048 on CPU, 16384 on GPU); compact_fraction: share of finished rows in the batch
+        default 1024 on CPU, 16384 on GPU); compact_fraction: share of finished rows in the batch
         that triggers KV compaction (0: at every finish); fast_path=False forces the generic HF
         forward; eos_token_ids: None = the tokenizer's EOS plus generation_config's (read at each
         call), () = never stop on EOS (benchmarks)."""
-        self.eos_token_ids, self._static_on_cpu = eos_token_ids, False
+        self.eos_token_ids = eos_token_ids
+        # CPU decode: the static step (whole cache buffer) with `_cpu_decode_attention`; tests turn
+        # these off to compare with the dynamic step / with the model's attention on the static one
+        self._static_on_cpu, self._cpu_attention = True, True
+        from transformers import AttentionInterface
+        AttentionInterface.register(CPU_DECODE_ATTENTION, _cpu_decode_attention)
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.prefill_tokens, self.compact_fraction, self.cuda_graphs = prefill_tokens, compact_fraction, cuda_graphs
         self.prefix_cache_size, self._prefix = prefix_cache_size, OrderedDict()
@@ -115,8 +125,8 @@ class Engine:
         self._cache_kw = "cache" if "cache" in fwd else "past_key_values"   # renamed in transformers 5.x
         self._keep_kw = "logits_to_keep" in fwd
         self._decoder, self._head = self._fast_parts(base) if fast_path else (None, None)
-        if self.prefill_tokens is None:     # CPU: chunks that stay in cache; GPU: big launches
-            self.prefill_tokens = 2048 if self._device().type == "cpu" else 16384
+        if self.prefill_tokens is None:     # CPU: 4 rows of 256 measured best (vs 2048 / 512); GPU: big launches
+            self.prefill_tokens = 1024 if self._device().type == "cpu" else 16384
 
     # ------------------------------------------------------------------ public
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
@@ -233,28 +243,37 @@ class Engine:
         return KVCache(len(self._decoder.layers), B, H, L, D, w.dtype, w.device, zero=self._static(w.device))
 
     def _static(self, device) -> bool:
-        """Static-shape decode: CUDA graphs on GPU; `_static_on_cpu` lets tests run it uncaptured."""
-        return self.cuda_graphs and (device.type == "cuda" or self._static_on_cpu)
+        """Static-shape decode: captured in CUDA graphs on GPU, uncaptured on CPU (contiguous buffers)."""
+        return self.cuda_graphs if device.type == "cuda" else device.type == "cpu" and self._static_on_cpu
 
-    def _fast_forward(self, ids, pos, mask, cache, last=None):
-        """Decoder layers called directly -> logits [B, V] at index `last` of each row (default -1)."""
-        dec = self._decoder
+    def _fast_forward(self, ids, pos, mask, cache, last=None, cpu_attention=False):
+        """Decoder layers called directly -> logits [B, V] at index `last` of each row (default -1).
+        cpu_attention: the attention modules call `_cpu_decode_attention` (one query per row)."""
+        dec, cfg = self._decoder, self.config
         h = dec.embed_tokens(ids)
         rope = dec.rotary_emb(h, pos)
-        if mask is not None and self.config._attn_implementation == "eager":   # eager adds a float mask
+        if mask is not None and (cpu_attention or cfg._attn_implementation == "eager"):   # additive mask
             mask = torch.zeros(mask.shape, dtype=h.dtype, device=h.device).masked_fill_(
                 ~mask, torch.finfo(h.dtype).min)
-        for layer in dec.layers:
-            h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=rope, use_cache=True,
-                      **{self._cache_kw: cache})
+        kw = dict(attention_mask=mask, position_ids=pos, position_embeddings=rope, use_cache=True,
+                  **{self._cache_kw: cache})
+        *body, final = dec.layers
+        with _FORWARD_LOCK, _attention_function(cfg, CPU_DECODE_ATTENTION if cpu_attention else None):
+            for layer in body:
+                h = layer(h, **kw)
+            # Only each row's last position reaches the logits: the final layer's attention runs on every
+            # position (their K/V fill the cache), its MLP (3/4 of the layer's FLOPs) on the last one only.
+            # The wiring is the decoder layer's own, the same in every FAST_MODEL_TYPES model.
+            h = h + final.self_attn(final.input_layernorm(h), **kw)[0]
         h = h[:, -1] if last is None else h[torch.arange(h.shape[0], device=h.device), last]
-        return self._head(dec.norm(h))
+        return self._head(dec.norm(h + final.mlp(final.post_attention_layernorm(h))))
 
     def _hf_forward(self, ids, pos, mask2d, cache):
         kw = {self._cache_kw: cache, "use_cache": True}
         if self._keep_kw:
             kw["logits_to_keep"] = 1
-        out = self.model(input_ids=ids, attention_mask=mask2d.long(), position_ids=pos, **kw)
+        with _FORWARD_LOCK:                 # never while another engine's forward has switched the attention
+            out = self.model(input_ids=ids, attention_mask=mask2d.long(), position_ids=pos, **kw)
         return out.logits[:, -1]
 
     @staticmethod
@@ -328,6 +347,40 @@ class Engine:
         if r.reason == "stop" and ends:
             text = text[:min(ends)]         # cut right after the first stop string
         return Generation(text=text, token_ids=list(r.tokens), logprobs=list(r.logprobs), finish_reason=r.reason)
+
+
+CPU_DECODE_ATTENTION = "dreamgym_cpu_decode"
+# The switch below is visible to every user of the model's config: engine forwards take this lock,
+# so engines called from several threads (e.g. a server) never see another's switched attention.
+# Calling the same model outside an engine while an engine decodes on CPU is not supported.
+_FORWARD_LOCK = threading.Lock()
+
+
+@contextmanager
+def _attention_function(config, name):
+    """HF attention modules look their attention function up in config._attn_implementation at each
+    call: point it at `name` (registered in transformers' AttentionInterface) for this forward only."""
+    old = config._attn_implementation
+    if name:
+        config._attn_implementation = name
+    try:
+        yield
+    finally:
+        if name:
+            config._attn_implementation = old
+
+
+def _cpu_decode_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """One query per row over the whole preallocated cache (CPU decode step; `attention_mask` is
+    additive [B, 1, 1, L]): two batched matmuls and a softmax. SDPA's CPU kernel runs two tiny GEMMs
+    per (row, head) here and is ~1.5x slower; bmm reads the contiguous K and V buffers in place (a
+    [:cur] view of them would be copied first). With GQA, a KV head's query heads are its GEMM's rows."""
+    B, Hq, _, D = query.shape
+    Hk, L = key.shape[1], key.shape[2]
+    q = (query * (D ** -0.5 if scaling is None else scaling)).reshape(B * Hk, Hq // Hk, D)
+    s = torch.bmm(q, key.flatten(0, 1).transpose(1, 2)).view(B, Hk, -1, L).add_(attention_mask)
+    p = torch.softmax(s, -1, dtype=torch.float32).to(value.dtype)
+    return torch.bmm(p.view(B * Hk, -1, L), value.flatten(0, 1)).view(B, 1, Hq, D), None
 
 
 def _knobs(rows, device) -> dict:
@@ -429,7 +482,8 @@ class _DecodeGraph:
     def __init__(self, eng, cache, valid, tok, pos, cur, capture):
         self.cache, self.tok, self.pos, self.graph = cache, tok.clone(), pos.clone(), None
         cache.static, cache.col = True, torch.tensor([cur], device=tok.device)
-        self.run = lambda: eng._fast_forward(self.tok, self.pos, valid[:, None, None, :], cache)
+        own = not capture and eng._cpu_attention and tok.device.type == "cpu"
+        self.run = lambda: eng._fast_forward(self.tok, self.pos, valid[:, None, None, :], cache, cpu_attention=own)
         if capture:
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())

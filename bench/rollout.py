@@ -7,7 +7,8 @@
 1. decode: greedy, no stop strings, EOS ignored by both (min_new_tokens for HF), so both produce
    batch x new tokens; HF runs its normal generate (use_cache=True), same dtype, same threads. With
    --prefix N every row starts with the same N tokens: the engine gets them as its shared prefix,
-   HF gets them inside each prompt. Runs alternate engine/HF; the ratio uses medians.
+   HF gets them inside each prompt. Runs alternate engine/HF; the ratio uses medians of wall time
+   (on CPU the process-time ratio is printed too: steadier on a machine shared with other jobs).
 2. dream step: one agent turn (T=1 sampling, stop "</action>", 48 new tokens) and one
    experience-model turn (greedy, stop dreamgym.EXP_STOP, 96 new tokens) for B episodes through
    dreamgym.LocalLM, on two random tiny models, against the same done with HF generate (prompt ids
@@ -80,11 +81,18 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed(fn):
+CPU_TIMES = {}
+
+
+def timed(fn, key=None):
+    """Wall seconds and the result; with `key`, the process CPU time is also kept in CPU_TIMES[key]
+    (on a shared CPU machine it is far less noisy than wall time: other jobs' slices don't count)."""
     sync()
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     out = fn()
     sync()
+    if key:
+        CPU_TIMES.setdefault(key, []).append(time.process_time() - c0)
     return time.perf_counter() - t0, out
 
 
@@ -112,9 +120,9 @@ def bench_decode(model, tok, a):
     eng.generate([p[:8] for p in prompts[:2]], SamplingParams(temperature=0.0, max_new_tokens=2))
     te, th = [], []
     for _ in range(a.repeats):
-        t, gens = timed(run_engine)
+        t, gens = timed(run_engine, "engine")
         te.append(t)
-        t, out = timed(run_hf)
+        t, out = timed(run_hf, "hf")
         th.append(t)
     n = a.batch * a.new
     assert all(len(x.token_ids) == a.new for x in gens) and out.shape[1] - ids.shape[1] == a.new
@@ -123,6 +131,9 @@ def bench_decode(model, tok, a):
     print(f"engine: {n / e:9.1f} tok/s  (runs {', '.join(f'{t:.2f}' for t in te)} s)")
     print(f"hf generate: {n / h:9.1f} tok/s  (runs {', '.join(f'{t:.2f}' for t in th)} s)")
     print(f"greedy rows identical to hf: {same:.0%}")
+    if DEVICE.type == "cpu":        # informative only: the ratio below is the wall-time one
+        ce, ch = statistics.median(CPU_TIMES["engine"]), statistics.median(CPU_TIMES["hf"])
+        print(f"cpu-time ratio (process_time, medians {ce:.2f} s vs {ch:.2f} s): {ch / ce:.2f}")
     return h / e
 
 

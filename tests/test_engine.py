@@ -9,8 +9,11 @@ import random
 import pytest
 import torch
 
+import engine as engine_mod
 import models
 from engine import Engine, Generation, SamplingParams
+
+real_attention = engine_mod._cpu_decode_attention
 
 torch.set_num_threads(1)
 PATHS = ["fast", "generic"]
@@ -296,16 +299,39 @@ def test_zero_new_tokens(lm):
     assert len(gens[1].token_ids) <= 2
 
 
-def test_static_shape_decode_matches(lm):
-    """The CUDA-graph decode step (whole-buffer attention, device-tensor column, recapture after
-    compaction), run on CPU without capture: the graph capture itself needs a GPU."""
+def test_static_shape_decode_matches(lm, monkeypatch):
+    """CPU decoding runs the static-shape step (whole-buffer attention, device-tensor column, rebuilt
+    after compaction) with the engine's own attention; the same step with the model's SDPA is what
+    the CUDA graph captures (the capture itself needs a GPU). Both match the dynamic-shape step."""
     model, tok = lm
     rows = prompts(tok, lens=(5, 17, 1, 30, 9, 12))
     params = [SamplingParams(temperature=0.0, max_new_tokens=k) for k in (12, 3, 20, 1, 20, 7)]
-    eager = Engine(model, tok, eos_token_ids=()).generate(rows, params, prefix=[tok.bos_token_id, 5, 6])
-    eng = Engine(model, tok, eos_token_ids=(), compact_fraction=0.0)
-    eng._static_on_cpu = True
-    static = eng.generate(rows, params, prefix=[tok.bos_token_id, 5, 6])
-    assert [g.token_ids for g in static] == [g.token_ids for g in eager]
-    assert torch.allclose(torch.tensor(sum((g.logprobs for g in static), [])),
-                          torch.tensor(sum((g.logprobs for g in eager), [])), atol=1e-4)
+    calls = []
+    monkeypatch.setattr(engine_mod, "_cpu_decode_attention",
+                        lambda *a, **k: calls.append(1) or real_attention(*a, **k))
+    runs = []
+    for static, own in ((False, False), (True, False), (True, True)):
+        eng = Engine(model, tok, eos_token_ids=(), compact_fraction=0.0)
+        eng._static_on_cpu, eng._cpu_attention = static, own
+        runs.append(eng.generate(rows, params, prefix=[tok.bos_token_id, 5, 6]))
+    dynamic = runs[0]
+    for gens in runs[1:]:
+        assert [g.token_ids for g in gens] == [g.token_ids for g in dynamic]
+        assert torch.allclose(torch.tensor(sum((g.logprobs for g in gens), [])),
+                              torch.tensor(sum((g.logprobs for g in dynamic), [])), atol=1e-4)
+    assert calls                                                   # the default CPU run used it
+
+
+def test_cpu_decode_attention_matches_sdpa():
+    """With GQA (2 query heads per KV head) and a padding mask, against SDPA with repeated KV heads."""
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hk, L, D = 3, 4, 2, 7, 8
+    q, k, v = (torch.randn(*s, generator=g) for s in ((B, Hq, 1, D), (B, Hk, L, D), (B, Hk, L, D)))
+    valid = torch.rand(B, L, generator=g) > 0.3
+    valid[:, 0] = True
+    bias = torch.zeros(B, 1, 1, L).masked_fill_(~valid[:, None, None], torch.finfo(torch.float32).min)
+    out, _ = real_attention(None, q, k, v, bias, scaling=0.3)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=valid[:, None, None], scale=0.3)
+    assert out.shape == (B, 1, Hq, D)
+    assert torch.allclose(out, ref.transpose(1, 2), atol=1e-5)
