@@ -82,6 +82,7 @@ class Config:
     warm_epochs: float = 3.0
     warm_lr: float = 2e-3
     warm_batch_tokens: int = 2048
+    agent_thoughts: str = "trace"     # the agent's <think> targets: trace (R*_t) | none (empty: action tokens only)
     # --- RL
     iterations: int = 30
     tasks_per_iter: int = 8
@@ -137,6 +138,7 @@ class Config:
             (self.annotator == "rule" or (self.annotator == "teacher" and self.teacher_model),
              "annotator must be rule, or teacher with --teacher_model"),
             (0 <= self.bpe_dropout < 1, "bpe_dropout must be in [0, 1)"),
+            (self.agent_thoughts in ("trace", "none"), "agent_thoughts must be trace or none"),
             (not (self.exp_endpoint and not self.exp_ckpt and not self.exp_endpoint_model),
              "--exp_endpoint needs --exp_endpoint_model"),
         ]
@@ -455,7 +457,8 @@ def warm_start(cfg: Config, trajs, tasks, dev, log) -> tuple[dg.LocalLM, int]:
     else:
         lm = init_model(cfg, "agent", trajs, tasks, dev)
     examples = [(dg.AGENT_SYSTEM, dg.agent_prompt(t.task.instruction, t.history, t.state, cfg.history),
-                 dg.agent_target(t.reasoning, t.action)) for tr in share for t in tr]
+                 dg.agent_target(t.reasoning if cfg.agent_thoughts == "trace" else "", t.action))
+                for tr in share for t in tr]
     sft(lm, examples, cfg.warm_epochs, cfg.warm_lr, cfg.warm_batch_tokens, cfg.seed, "warm start agent", log,
         cfg.bpe_dropout)
     save_on_main(lm, path)

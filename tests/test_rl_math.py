@@ -143,3 +143,5 @@ def test_rl_lr_warmup_follows_adams_own_step_count():
     assert resumed.param_groups[0]["lr"] == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="lr_warmup"):
         train.Config(lr_warmup=-1).validate()
+    with pytest.raises(ValueError, match="agent_thoughts"):
+        train.Config(agent_thoughts="long").validate()
