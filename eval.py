@@ -131,14 +131,14 @@ METHODS = [
 SAMPLES = 4          # sampled evaluation: each test task played 4 times at temperature 1
 
 
-def sampled_successes(cfg, run_dir: str, seed: int) -> dict:
-    """Test success of the warm start and of the run's final agent at temperature 1 (SAMPLES per
+def sampled_successes(cfg, run_dir: str, seed: int, which=("warm", "final")) -> dict:
+    """Test success of the warm start and/or of the run's final agent at temperature 1 (SAMPLES per
     task, seeded by the run's seed), next to the greedy numbers train.run reports."""
     import train
     dev = train.device_of(cfg)
-    warm = cfg.warm_ckpt or os.path.join(run_dir, "agent_warm")
+    paths = {"warm": cfg.warm_ckpt or os.path.join(run_dir, "agent_warm"), "final": os.path.join(run_dir, "ckpt", "agent")}
     out = {}
-    for key, path in (("warm_sampled", warm), ("final_sampled", os.path.join(run_dir, "ckpt", "agent"))):
+    for key, path in ((f"{w}_sampled", paths[w]) for w in which):
         agent = train.load_lm(cfg, path, dev, trainable=False)
         out[key] = evaluate_agent(agent, cfg.env, cfg.eval_fold, cfg.eval_episodes, cfg.history, temperature=1.0,
                                   samples=SAMPLES, seed=seed)
@@ -149,9 +149,11 @@ def mean_std(xs: list[float]) -> str:
     return f"{100 * np.mean(xs):.1f} ± {100 * np.std(xs):.1f}" if xs else "-"
 
 
-def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] | None = None) -> str:
+def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] | None = None,
+                sampled: bool = False) -> str:
     """Every method of METHODS for every seed (each run cached in its folder, so an interrupted
-    suite resumes), then the table: success on the held-out test fold, mean ± std over seeds."""
+    suite resumes), then the table: success on the held-out test fold, mean ± std over seeds
+    (greedy; with `sampled`, also at temperature 1, SAMPLES plays per task, cached in results.json)."""
     import train
     chosen = [m for m in METHODS if methods is None or m[0] in methods]
     results = {name: [] for name, _, _ in chosen}
@@ -169,24 +171,29 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
             cfg.validate()
             res_file = os.path.join(run_dir, "results.json")
             res = json.load(open(res_file)) if os.path.exists(res_file) else train.run(cfg)
-            if "final_sampled" not in res:          # cached runs from before this column get it added
-                res.update(sampled_successes(cfg, run_dir, seed))
+            need = [w for w in (("warm", "final") if name == chosen[0][0] else ("final",))
+                    if sampled and f"{w}_sampled" not in res]
+            if need:
+                res.update(sampled_successes(cfg, run_dir, seed, need))
                 train.write_json(res_file, res)
             results[name].append(res)
             if own_exp and cfg.mode != "real" and not overrides.get("exp_ckpt"):   # a shared M_exp: once, by hand
                 key = {"DreamGym-GRPO": "full"}.get(name, name.split(": ")[-1])
                 fid.setdefault(key, []).append(train.fidelity_table(cfg, cfg.eval_fold))
     first = results[chosen[0][0]]
+    cols = ["method", "real_transitions", "success"] + (["success_sampled"] if sampled else [])
     rows = [dict(method="SFT (warm start)", real_transitions=int(np.mean([r["warm_transitions"] for r in first])),
-                 success=mean_std([r["warm"]["success"] for r in first]),
-                 success_sampled=mean_std([r["warm_sampled"]["success"] for r in first]))]
+                 success=mean_std([r["warm"]["success"] for r in first]))]
+    if sampled:
+        rows[0]["success_sampled"] = mean_std([r["warm_sampled"]["success"] for r in first])
     for name, _, _ in chosen:
         rs = results[name]
         rows.append(dict(method=name, real_transitions=int(np.mean([r["warm_transitions"] + r["rl_real_transitions"]
                                                                         for r in rs])),
-                         success=mean_std([r["final"]["success"] for r in rs]),
-                         success_sampled=mean_std([r["final_sampled"]["success"] for r in rs])))
-    text = format_table(rows, ["method", "real_transitions", "success", "success_sampled"])
+                         success=mean_std([r["final"]["success"] for r in rs])))
+        if sampled:
+            rows[-1]["success_sampled"] = mean_std([r["final_sampled"]["success"] for r in rs])
+    text = format_table(rows, cols)
     if fid:
         frows = [dict(model=k, **{m: mean_std([f[m] for f in v]) for m in
                                   ("reward_acc", "reward_acc_pos", "done_acc", "invalid_detect", "state_exact",
@@ -221,13 +228,14 @@ def main(argv=None):
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     t.add_argument("--methods", nargs="*", default=None, help="a subset of the method names")
     t.add_argument("--set", nargs="*", default=[], help="Config overrides for every run, e.g. iterations=20")
+    t.add_argument("--sampled", action="store_true", help=f"also success at temperature 1 ({SAMPLES} plays per task)")
     args = p.parse_args(argv)
     if args.cmd == "table":
         over = {}
         for kv in args.set:
             k, _, v = kv.partition("=")
             over[k] = train.parse_args([f"--{k}", v]).__dict__[k]
-        print(table_suite(args.out, args.seeds, over, args.methods))
+        print(table_suite(args.out, args.seeds, over, args.methods, args.sampled))
         return
     dev = train.device_of(train.Config())
     if args.cmd == "agent":

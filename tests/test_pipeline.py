@@ -121,5 +121,5 @@ def test_sampled_evaluation_plays_each_task_n_times_reproducibly(tiny_run):
     assert a["episodes"] == 6 and a == b, "sampled evaluation is seeded"
     with pytest.raises(ValueError, match="greedy"):
         evaluate_agent(agent, cfg.env, "dev", 3, samples=2)
-    res = sampled_successes(cfg, cfg.out, 0)
-    assert set(res) == {"warm_sampled", "final_sampled"} and res["final_sampled"]["episodes"] == 4 * cfg.eval_episodes
+    res = sampled_successes(cfg, cfg.out, 0, ("final",))
+    assert set(res) == {"final_sampled"} and res["final_sampled"]["episodes"] == 4 * cfg.eval_episodes
