@@ -1027,7 +1027,10 @@ def response_logprobs(model, batch: dict, temperature: float = 1.0, with_values=
     h = flat[batch["target_pos"]]
     w = base.get_output_embeddings().weight
     logp, ent = linear_logprobs(h.to(w.dtype), w, batch["targets"], temperature=temperature)
-    values = with_values(flat[batch["value_pos"]].float()).squeeze(-1) if with_values is not None else None
+    # the critic reads detached features: its loss must not move the hidden state at the last prompt
+    # token, the very one that emits the policy's first response token (a shared trunk broke the
+    # output format of every PPO run within 2-3 iterations; see README)
+    values = with_values(flat[batch["value_pos"]].detach().float()).squeeze(-1) if with_values is not None else None
     return logp, ent, values
 
 

@@ -128,6 +128,7 @@ METHODS = [
 ]
 
 
+COLLAPSED = 0.25     # a run whose final greedy turns are >= 25% malformed has lost the output format
 SAMPLES = 4          # sampled evaluation: each test task played 4 times at temperature 1
 
 
@@ -181,16 +182,18 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
                 key = {"DreamGym-GRPO": "full"}.get(name, name.split(": ")[-1])
                 fid.setdefault(key, []).append(train.fidelity_table(cfg, cfg.eval_fold))
     first = results[chosen[0][0]]
-    cols = ["method", "real_transitions", "success"] + (["success_sampled"] if sampled else [])
+    cols = ["method", "real_transitions", "success", "collapsed"] + (["success_sampled"] if sampled else [])
     rows = [dict(method="SFT (warm start)", real_transitions=int(np.mean([r["warm_transitions"] for r in first])),
-                 success=mean_std([r["warm"]["success"] for r in first]))]
+                 success=mean_std([r["warm"]["success"] for r in first]),
+                 collapsed=f'{sum(r["warm"]["format_error"] >= COLLAPSED for r in first)}/{len(first)}')]
     if sampled:
         rows[0]["success_sampled"] = mean_std([r["warm_sampled"]["success"] for r in first])
     for name, _, _ in chosen:
         rs = results[name]
         rows.append(dict(method=name, real_transitions=int(np.mean([r["warm_transitions"] + r["rl_real_transitions"]
                                                                         for r in rs])),
-                         success=mean_std([r["final"]["success"] for r in rs])))
+                         success=mean_std([r["final"]["success"] for r in rs]),
+                         collapsed=f'{sum(r["final"]["format_error"] >= COLLAPSED for r in rs)}/{len(rs)}'))
         if sampled:
             rows[-1]["success_sampled"] = mean_std([r["final_sampled"]["success"] for r in rs])
     text = format_table(rows, cols)

@@ -479,7 +479,8 @@ class RLState:
 
 
 class ValueHead(torch.nn.Module):
-    """PPO critic: a linear head reading the agent's hidden state at the last prompt token."""
+    """PPO critic: a linear head reading the agent's (detached) hidden state at the last prompt token:
+    a linear probe of the policy's own features, trained on the returns."""
 
     def __init__(self, hidden: int):
         super().__init__()

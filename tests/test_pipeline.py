@@ -123,3 +123,17 @@ def test_sampled_evaluation_plays_each_task_n_times_reproducibly(tiny_run):
         evaluate_agent(agent, cfg.env, "dev", 3, samples=2)
     res = sampled_successes(cfg, cfg.out, 0, ("final",))
     assert set(res) == {"final_sampled"} and res["final_sampled"]["episodes"] == 4 * cfg.eval_episodes
+
+
+def test_ppo_critic_loss_leaves_the_policy_untouched(tiny_run):
+    """The critic is a linear probe on detached features: its loss changes the head, never the agent
+    (a shared trunk let it move the state that emits the first response token)."""
+    _, cfg, _ = tiny_run
+    agent = train.load_lm(cfg, os.path.join(cfg.out, "agent_warm"), torch.device("cpu"), trainable=True)
+    head = train.ValueHead(agent.model.config.hidden_size)
+    torch.nn.init.normal_(head.proj.weight)
+    batch = dg.pack([([5, 6, 7, 8], [9, 10]), ([5, 6], [11])], agent.tokenizer.pad_token_id, "cpu")
+    _, _, values = dg.response_logprobs(agent.model, batch, 1.0, head)
+    ((values - 1.0) ** 2).sum().backward()
+    assert head.proj.weight.grad is not None and head.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in agent.model.parameters())
