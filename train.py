@@ -84,7 +84,7 @@ class Config:
     warm_batch_tokens: int = 2048
     agent_thoughts: str = "trace"     # the agent's <think> targets: trace (R*_t) | none (empty: action tokens only)
     # --- RL
-    iterations: int = 30
+    iterations: int = 20
     tasks_per_iter: int = 8
     group_size: int = 8               # G rollouts per task (a GRPO group)
     lr: float = 5e-4
