@@ -151,7 +151,7 @@ def mean_std(xs: list[float]) -> str:
 
 
 def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] | None = None,
-                sampled: bool = False) -> str:
+                sampled: bool = False, with_fidelity: bool = True) -> str:
     """Every method of METHODS for every seed (each run cached in its folder, so an interrupted
     suite resumes), then the table: success on the held-out test fold, mean ± std over seeds
     (greedy; with `sampled`, also at temperature 1, SAMPLES plays per task, cached in results.json)."""
@@ -167,8 +167,9 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
             cfg = train.Config(**{**overrides, **over, "seed": seed, "out": run_dir})
             if run_dir != first:                  # reuse the seed's first M_exp / warm start unless given
                 cfg.warm_ckpt = overrides.get("warm_ckpt") or os.path.join(first, "agent_warm")
-                if not own_exp:
-                    cfg.exp_ckpt = overrides.get("exp_ckpt") or os.path.join(first, "exp_model")
+                # the retrieval / reasoning ablations always train their own M_exp, even when the
+                # others share a given one: their M_exp is trained differently
+                cfg.exp_ckpt = "" if own_exp else (overrides.get("exp_ckpt") or os.path.join(first, "exp_model"))
             cfg.validate()
             res_file = os.path.join(run_dir, "results.json")
             res = json.load(open(res_file)) if os.path.exists(res_file) else train.run(cfg)
@@ -178,7 +179,7 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
                 res.update(sampled_successes(cfg, run_dir, seed, need))
                 train.write_json(res_file, res)
             results[name].append(res)
-            if own_exp and cfg.mode != "real" and not overrides.get("exp_ckpt"):   # a shared M_exp: once, by hand
+            if with_fidelity and own_exp and not cfg.exp_ckpt:      # a given, shared M_exp: once, by hand
                 key = {"DreamGym-GRPO": "full"}.get(name, name.split(": ")[-1])
                 fid.setdefault(key, []).append(train.fidelity_table(cfg, cfg.eval_fold))
     first = results[chosen[0][0]]
@@ -231,6 +232,7 @@ def main(argv=None):
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     t.add_argument("--methods", nargs="*", default=None, help="a subset of the method names")
     t.add_argument("--set", nargs="*", default=[], help="Config overrides for every run, e.g. iterations=20")
+    t.add_argument("--no_fidelity", action="store_true", help="skip the M_exp fidelity of each trained M_exp")
     t.add_argument("--sampled", action="store_true", help=f"also success at temperature 1 ({SAMPLES} plays per task)")
     args = p.parse_args(argv)
     if args.cmd == "table":
@@ -238,7 +240,7 @@ def main(argv=None):
         for kv in args.set:
             k, _, v = kv.partition("=")
             over[k] = train.parse_args([f"--{k}", v]).__dict__[k]
-        print(table_suite(args.out, args.seeds, over, args.methods, args.sampled))
+        print(table_suite(args.out, args.seeds, over, args.methods, args.sampled, not args.no_fidelity))
         return
     dev = train.device_of(train.Config())
     if args.cmd == "agent":
