@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import envs
 from envs.base import StepResult, Task, parse_state_actions, replace_feedback
 
 # ============================================================================ 1. formats
@@ -206,7 +207,6 @@ class Transition:
 
 def _budget_end(task: Task, row: dict) -> bool:
     """Data collected before envs reported `truncated`: a failed, valid last step at the budget."""
-    import envs
     return bool(row["done"] and not row["success"] and not row["invalid"] and row["t"] + 1 >= envs.max_steps(task.env))
 
 
