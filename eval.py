@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 import dreamgym as dg
 import envs
 from envs import Task
+from envs.collect import read_jsonl, write_jsonl
 
 
 def eval_tasks(env: str, fold: str, n: int) -> list[Task]:
@@ -95,7 +97,7 @@ def fidelity(exp: dg.ExperienceModel, transitions: list[dg.Transition], batch: i
 
 def heldout_transitions(env: str, fold: str, n_traj: int, seed: int = 123) -> list[dg.Transition]:
     """Real transitions on a held-out fold, same policy mix as the offline data (cached in data/)."""
-    from envs.collect import collect, read_jsonl, write_jsonl
+    from envs.collect import collect
     path = os.path.join("data", "offline", f"heldout-{env.replace(':', '_').replace(',', '_').replace('=', '')}"
                                             f"-{fold}-{n_traj}-s{seed}.jsonl")
     if not os.path.exists(path):
@@ -129,8 +131,9 @@ METHODS = [
 
 
 def collapsed(final: dict) -> bool:
-    """The run's final greedy agent lost the output format (>= 25% malformed turns) or stopped
-    choosing listed actions (>= 75% invalid; the warm start makes 29-39%)."""
+    """A greedy agent that lost the output format (>= 25% malformed turns) or stopped choosing
+    listed actions (>= 75% invalid; the warm start makes 29-39%). The table applies it to each run's
+    last agent, which keep_best may not report: it says how stable the RL was, not what was reported."""
     return final["format_error"] >= 0.25 or final["invalid"] >= 0.75
 
 
@@ -142,7 +145,9 @@ def sampled_successes(cfg, run_dir: str, seed: int, which=("warm", "final")) -> 
     task, seeded by the run's seed), next to the greedy numbers train.run reports."""
     import train
     dev = train.device_of(cfg)
-    paths = {"warm": cfg.warm_ckpt or os.path.join(run_dir, "agent_warm"), "final": os.path.join(run_dir, "ckpt", "agent")}
+    best = os.path.join(run_dir, "agent_best")        # keep_best: the reported agent is the curve-fold best
+    paths = {"warm": cfg.warm_ckpt or os.path.join(run_dir, "agent_warm"),
+             "final": best if cfg.keep_best and os.path.exists(best) else os.path.join(run_dir, "ckpt", "agent")}
     out = {}
     for key, path in ((f"{w}_sampled", paths[w]) for w in which):
         agent = train.load_lm(cfg, path, dev, trainable=False)
@@ -153,6 +158,23 @@ def sampled_successes(cfg, run_dir: str, seed: int, which=("warm", "final")) -> 
 
 def mean_std(xs: list[float]) -> str:
     return f"{100 * np.mean(xs):.1f} ± {100 * np.std(xs):.1f}" if xs else "-"
+
+
+def reuse_dream_phase(cfg, base_dir: str, algo: str):
+    """S2R's first `iterations` are exactly the same-seed DreamGym run (same config but the mode, same
+    RNG streams), so an S2R run that has not started continues that run's last checkpoint (with its
+    curve history and best agent) into the real phase instead of dreaming it all again."""
+    name = next(n for n, o, _ in METHODS if o == dict(mode="dream", algo=algo))
+    dream = os.path.join(base_dir, name.replace(" ", "_"))
+    if os.path.exists(os.path.join(cfg.out, "ckpt")) or not os.path.exists(os.path.join(dream, "results.json")):
+        return
+    os.makedirs(cfg.out, exist_ok=True)
+    if os.path.exists(os.path.join(dream, "agent_best")):
+        shutil.copytree(os.path.join(dream, "agent_best"), os.path.join(cfg.out, "agent_best"))
+    rows = [r for r in read_jsonl(os.path.join(dream, "metrics.jsonl")) if r.get("stage") != "eval"]
+    write_jsonl(os.path.join(cfg.out, "metrics.jsonl"), rows)      # its own evaluations are redone
+    shutil.copytree(os.path.join(dream, "ckpt"), os.path.join(cfg.out, "ckpt"))
+    cfg.resume = True
 
 
 def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] | None = None,
@@ -176,6 +198,8 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
                 # others share a given one: their M_exp is trained differently
                 cfg.exp_ckpt = "" if own_exp else (overrides.get("exp_ckpt") or os.path.join(first, "exp_model"))
             cfg.validate()
+            if over["mode"] == "s2r":
+                reuse_dream_phase(cfg, base_dir, over["algo"])
             res_file = os.path.join(run_dir, "results.json")
             res = json.load(open(res_file)) if os.path.exists(res_file) else train.run(cfg)
             need = [w for w in (("warm", "final") if name == chosen[0][0] else ("final",))
@@ -188,7 +212,7 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
                 key = {"DreamGym-GRPO": "full"}.get(name, name.split(": ")[-1])
                 fid.setdefault(key, []).append(train.fidelity_table(cfg, cfg.eval_fold))
     first = results[chosen[0][0]]
-    cols = ["method", "real_transitions", "success", "collapsed"] + (["success_sampled"] if sampled else [])
+    cols = ["method", "real_transitions", "success", "collapsed", "selected"] + (["success_sampled"] if sampled else [])
     rows = [dict(method="SFT (warm start)", real_transitions=int(np.mean([r["warm_transitions"] for r in first])),
                  success=mean_std([r["warm"]["success"] for r in first]),
                  collapsed=f'{sum(collapsed(r["warm"]) for r in first)}/{len(first)}')]
@@ -199,7 +223,8 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
         rows.append(dict(method=name, real_transitions=int(np.mean([r["warm_transitions"] + r["rl_real_transitions"]
                                                                         for r in rs])),
                          success=mean_std([r["final"]["success"] for r in rs]),
-                         collapsed=f'{sum(collapsed(r["final"]) for r in rs)}/{len(rs)}'))
+                         collapsed=f'{sum(collapsed(r.get("last", r["final"])) for r in rs)}/{len(rs)}',
+                         selected=",".join(str(r.get("selected_iteration", "last")) for r in rs)))
         if sampled:
             rows[-1]["success_sampled"] = mean_std([r["final_sampled"]["success"] for r in rs])
     text = format_table(rows, cols)

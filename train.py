@@ -92,7 +92,7 @@ class Config:
     temperature: float = 1.0          # agent sampling temperature in rollouts
     clip_low: float = 0.2
     clip_high: float = 0.28           # DAPO clip-higher
-    beta: float = 0.0                 # KL to the warm-start policy (k3); 0 = off, as TRL's default
+    beta: float = 0.05                # KL to the warm-start policy (k3): without it the tiny agent's RL collapses
     minibatches: int = 4              # optimizer steps per pass over the iteration's episodes
     update_epochs: int = 2            # passes: 8 small clipped steps per iteration (2 big ones barely moved it)
     adv_scale: str = "group"          # GRPO: group | batch | none (TRL's scale_rewards)
@@ -117,6 +117,8 @@ class Config:
     curve_fold: str = "dev"           # learning curves use dev: never tune on test
     eval_every: int = 5
     curve_episodes: int = 50
+    keep_best: bool = True            # final agent: the curve_fold-best of the warm start and every evaluated
+                                      # iteration (model selection on dev; eval_every 0: the last agent)
     ckpt_every: int = 1
 
     def validate(self):
@@ -131,6 +133,9 @@ class Config:
             (self.adv_scale in ("group", "batch", "none"), "adv_scale must be group, batch or none"),
             (self.eval_fold in ("dev", "test") and self.curve_fold in ("dev", "test"),
              "evaluate on a held-out fold: dev or test"),
+            (not self.keep_best or self.curve_fold != self.eval_fold,
+             "keep_best selects the final agent on curve_fold, so curve_fold must differ from eval_fold "
+             "(or pass --keep_best false)"),
             (self.minibatches >= 1 and self.update_epochs >= 1, "minibatches, update_epochs >= 1"),
             (self.lr > 0 and self.lr_warmup >= 0, "lr > 0 and lr_warmup >= 0"),
             (self.k >= 0 and self.history >= 0, "k and history must be >= 0"),
@@ -250,7 +255,7 @@ class Log:
         """On resume: forget rows logged by iterations that the checkpoint does not contain."""
         if not DIST.main:
             return
-        keep = [r for r in self.rows() if r.get("iteration", -1) < iteration or r.get("stage") != "rl"]
+        keep = [r for r in self.rows() if r.get("iteration", -1) < iteration or r.get("stage") not in ("rl", "curve")]
         write_jsonl(self.path, keep)
 
 
@@ -476,6 +481,8 @@ class RLState:
     task_rewards: dict = dataclasses.field(default_factory=dict)   # task id -> last group's rewards
     generated: list = dataclasses.field(default_factory=list)      # generated Task dicts
     phase: str = "dream"               # dream | real (s2r switches once)
+    best_iteration: int = -1           # keep_best: iterations done when the curve_fold-best agent was seen
+    best_success: float = -1.0
 
 
 class ValueHead(torch.nn.Module):
@@ -639,6 +646,8 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
         print(f"resumed from {ckdir} at iteration {st.iteration}")
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=64, stop=(dg.AGENT_STOP,))
     max_steps = envs.max_steps(cfg.env)
+    if cfg.keep_best and eval_fn is not None and st.best_iteration < 0:
+        keep_if_best(cfg, st, agent, eval_fn(agent) if DIST.main else None, log)    # the warm start: iteration 0
     bar = tqdm(total=cfg.iterations, initial=min(st.iteration, cfg.iterations), desc=f"RL {cfg.mode}/{cfg.algo}",
                disable=not DIST.main)
     while (phase := next_phase(cfg, st)) is not None:
@@ -679,14 +688,50 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
             if DIST.main:
                 curriculum(cfg, st, exp, real_tasks, log)
             st.generated = DIST.broadcast(st.generated)
-        if eval_fn is not None and cfg.eval_every and st.iteration % cfg.eval_every == 0:
+        if eval_fn is not None and cfg.eval_every and (st.iteration % cfg.eval_every == 0 or next_phase(cfg, st) is None):
             row["curve_success"] = eval_fn(agent) if DIST.main else None
+            if cfg.keep_best:
+                keep_if_best(cfg, st, agent, row["curve_success"])
         log(**row)
         bar.update(1)
         if st.iteration % cfg.ckpt_every == 0 or next_phase(cfg, st) is None:
             save_checkpoint(ckdir, agent, opt, head, buffer, st, rng, gen)
     bar.close()
     return st
+
+
+def keep_if_best(cfg: Config, st: RLState, agent, success: float | None, log=None):
+    """Model selection on the held-out curve fold (never the evaluation fold): remember the agent with
+    the best curve success so far, the warm start included (a tie keeps the earlier, less-trained one).
+    Saved before the checkpoint that records it, so a resumed run never points at a missing file."""
+    if not DIST.main:
+        return
+    if log is not None:
+        log(stage="curve", iteration=st.iteration, fold=cfg.curve_fold, curve_success=success)
+    if success > st.best_success:
+        st.best_success, st.best_iteration = success, st.iteration
+        path = os.path.join(cfg.out, "agent_best")
+        tmp = path + f".tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        agent.model.save_pretrained(tmp, safe_serialization=True)
+        agent.tokenizer.save_pretrained(tmp)          # a checkpoint of its own: eval.py agent --ckpt <run>/agent_best
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+
+
+def load_agent_weights(agent, adir: str):
+    """Weights (or LoRA adapters) saved by save_pretrained, into the live agent."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    if os.path.exists(os.path.join(adir, "adapter_config.json")):
+        set_peft_model_state_dict(agent.model, load_file(os.path.join(adir, "adapter_model.safetensors")))
+        return
+    weights = load_file(os.path.join(adir, "model.safetensors"))
+    missing, unexpected = agent.model.load_state_dict(weights, strict=False)
+    if unexpected or [m for m in missing if "lm_head" not in m]:
+        raise ValueError(f"checkpoint {adir} does not match the agent: {missing[:3]} {unexpected[:3]}")
+    agent.model.tie_weights()
 
 
 # ============================================================================ checkpoints (no pickles)
@@ -749,17 +794,8 @@ def _tuple(x):
 
 
 def load_checkpoint(path, agent, opt, head, buffer, rng, gen):
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
-    adir = os.path.join(path, "agent")
-    if os.path.exists(os.path.join(adir, "adapter_config.json")):
-        set_peft_model_state_dict(agent.model, load_file(os.path.join(adir, "adapter_model.safetensors")))
-    else:
-        weights = load_file(os.path.join(adir, "model.safetensors"))
-        missing, unexpected = agent.model.load_state_dict(weights, strict=False)
-        if unexpected or [m for m in missing if "lm_head" not in m]:
-            raise ValueError(f"checkpoint {adir} does not match the agent: {missing[:3]} {unexpected[:3]}")
-        agent.model.tie_weights()
+    load_agent_weights(agent, os.path.join(path, "agent"))
     state = json.load(open(os.path.join(path, "state.json")))
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
     sd = {"param_groups": state["optimizer"]["param_groups"], "state": {}}
@@ -836,10 +872,12 @@ def plot_curves(log: Log, path: str):
             ax[0].plot(*zip(*pts), style, label=f"{phase} rollouts: mean reward")
     ax[0].set(title="training reward", xlabel="iteration")
     ax[0].legend()
-    ev = [(r["iteration"], r["curve_success"]) for r in rows if "curve_success" in r]
+    # x = RL iterations done when evaluated (0: the warm start)
+    ev = [(0, r["curve_success"]) for r in log.rows() if r.get("stage") == "curve"]
+    ev += [(r["iteration"] + 1, r["curve_success"]) for r in rows if "curve_success" in r]
     if ev:
         ax[1].plot(*zip(*ev), "o-")
-    ax[1].set(title="real success, held-out dev fold", xlabel="iteration", ylim=(0, 1))
+    ax[1].set(title="real success, held-out curve fold (greedy)", xlabel="iterations done", ylim=(0, 1))
     ax[2].plot(it, [r["format_error"] for r in rows], label="agent format errors / turn")
     ax[2].plot(it, [r["clipfrac"] for r in rows], label="clip fraction")
     ax[2].set(title="health", xlabel="iteration")
@@ -909,6 +947,12 @@ def run(cfg: Config) -> dict:
         write_json(os.path.join(cfg.out, f"rank{DIST.rank}.json"), fingerprint(agent, buffer))
     if DIST.main:
         results["final"] = evaluate_agent(agent, cfg.env, cfg.eval_fold, cfg.eval_episodes, cfg.history)
+        if cfg.keep_best and st.best_iteration >= 0:
+            results["selected_iteration"], results["selected_curve_success"] = st.best_iteration, st.best_success
+            if st.best_iteration != st.iteration:     # the last agent is reported too, as "last"
+                results["last"] = results["final"]
+                load_agent_weights(agent, os.path.join(cfg.out, "agent_best"))
+                results["final"] = evaluate_agent(agent, cfg.env, cfg.eval_fold, cfg.eval_episodes, cfg.history)
         log(stage="eval", which="final", fold=cfg.eval_fold, **results["final"])
         write_json(res_path, results)
         plot_curves(log, os.path.join(cfg.out, "curves.png"))

@@ -102,9 +102,37 @@ def test_resume_after_a_crash_reaches_the_same_state(tiny_run, monkeypatch):
         assert torch.equal(a["weights"][k], b["weights"][k]), k
 
 
+def test_keep_best_selects_on_the_curve_fold_and_reports_that_agent(tiny_run, tmp_path):
+    _, cfg, res = tiny_run
+    assert res["selected_iteration"] in (0, 1, 2)           # 0: the warm start, a candidate like any other
+    rows = [json.loads(x) for x in open(os.path.join(cfg.out, "metrics.jsonl"))]
+    curve = {0: next(r for r in rows if r.get("stage") == "curve")["curve_success"]}
+    curve.update({r["iteration"] + 1: r["curve_success"] for r in rows if r.get("stage") == "rl"})
+    best = max(curve.values())
+    assert res["selected_curve_success"] == best
+    assert res["selected_iteration"] == min(i for i, v in curve.items() if v == best), "a tie keeps the earlier"
+    # keep_if_best itself: the saved weights are the agent's at its best moment, not later ones
+    agent = train.load_lm(cfg, os.path.join(cfg.out, "agent_warm"), torch.device("cpu"), trainable=False)
+    c = tiny_cfg(tmp_path, "kb")
+    st = train.RLState()
+    p = next(agent.model.parameters())
+    snapshots = {}
+    for it, success in enumerate([0.2, 0.5, 0.5, 0.4]):
+        st.iteration = it
+        with torch.no_grad():
+            p.add_(1.0)
+        snapshots[it] = p.detach().clone()
+        train.keep_if_best(c, st, agent, success)
+    assert (st.best_iteration, st.best_success) == (1, 0.5)
+    with torch.no_grad():
+        p.zero_()
+    train.load_agent_weights(agent, os.path.join(c.out, "agent_best"))
+    assert torch.equal(next(agent.model.parameters()), snapshots[1])
+
+
 def test_config_is_validated_at_start(tmp_path):
     for bad in [dict(mode="sleep"), dict(algo="a2c"), dict(lam_tasks=2.0), dict(group_size=1),
-                dict(env="twc:bogus=1"), dict(eval_fold="train")]:
+                dict(env="twc:bogus=1"), dict(eval_fold="train"), dict(eval_fold="dev", keep_best=True)]:
         with pytest.raises(ValueError):
             tiny_cfg(tmp_path, "x", **bad)
     with pytest.raises(SystemExit):
@@ -137,3 +165,26 @@ def test_ppo_critic_loss_leaves_the_policy_untouched(tiny_run):
     ((values - 1.0) ** 2).sum().backward()
     assert head.proj.weight.grad is not None and head.proj.weight.grad.abs().sum() > 0
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in agent.model.parameters())
+
+
+def test_table_s2r_continues_the_dream_run_exactly(tiny_run, tmp_path):
+    """eval.py's table starts S2R from the same-seed DreamGym run's last checkpoint: it must end
+    where an S2R run that dreams its own first iterations ends."""
+    import dataclasses
+    from eval import table_suite
+    root, first, _ = tiny_run
+    shared = dict(exp_ckpt=os.path.join(first.out, "exp_model"), warm_ckpt=os.path.join(first.out, "agent_warm"),
+                  iterations=2, eval_every=1, s2r_real_budget=6, eval_episodes=2)
+    over = {k: v for k, v in dataclasses.asdict(tiny_cfg(root, "unused", **shared)).items() if k not in ("out", "seed")}
+    table_suite(str(tmp_path / "table"), [0], over, ["DreamGym-GRPO", "DreamGym-S2R-GRPO"], with_fidelity=False)
+    reused = str(tmp_path / "table" / "seed0" / "DreamGym-S2R-GRPO")
+    secs = lambda d: [r["secs"] for r in map(json.loads, open(os.path.join(d, "metrics.jsonl")))
+                      if r.get("stage") == "rl" and r["phase"] == "dream"]
+    assert secs(reused) == secs(str(tmp_path / "table" / "seed0" / "DreamGym-GRPO")), "the dream phase was not redone"
+    alone = tiny_cfg(root, "s2r_alone", mode="s2r", **shared)
+    train.run(alone)
+    a, b = _state(alone), _state(train.Config(**{**dataclasses.asdict(alone), "out": reused}))
+    assert a["rl"] == b["rl"] and a["rl"]["phase"] == "real" and a["rl"]["real_transitions"] >= 6
+    assert a["metrics"] == b["metrics"]
+    for k in a["weights"]:
+        assert torch.equal(a["weights"][k], b["weights"][k]), k
