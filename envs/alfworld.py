@@ -193,9 +193,9 @@ class AlfWorldEnv:
         self.state = abstract_state(room, gs)
         return self.state, self._info(False, False, gs.feedback)
 
-    def _info(self, success, invalid, raw):
+    def _info(self, success, invalid, raw, truncated=False):
         return {"admissible": self.admissible, "instruction": self.instruction, "success": success,
-                "invalid": invalid, "raw": raw, "steps": self.steps}
+                "invalid": invalid, "truncated": truncated, "raw": raw, "steps": self.steps}
 
     def step(self, action: str | None) -> tuple[str, float, bool, dict]:
         if self.task is None or self.done:
@@ -204,14 +204,16 @@ class AlfWorldEnv:
         if action is None or action not in self.admissible:
             shown = action if action is not None else "(unparseable)"
             self.done = self.invalid_action == "fail" or self.steps >= self.max_steps
+            truncated = self.done and self.invalid_action != "fail"      # "step" mode ran out of steps
             self.state = replace_feedback(self.state, f"Invalid action: {shown}.")
-            return self.state, 0.0, self.done, self._info(False, True, "")
+            return self.state, 0.0, self.done, self._info(False, True, "", truncated=truncated)
         gs, _, _ = self.env.step(action)
         success = bool(gs["won"])
         self.done = success or self.steps >= self.max_steps
         self.admissible = admissible(gs)
         self.state = abstract_state(gs.feedback, gs)
-        return self.state, float(success), self.done, self._info(success, False, gs.feedback)
+        return self.state, float(success), self.done, self._info(success, False, gs.feedback,
+                                                                  truncated=self.done and not success)
 
     def gold_actions(self) -> list[str]:
         """The planner's commands from the initial state (a fresh copy of the game)."""

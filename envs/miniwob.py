@@ -277,9 +277,9 @@ class MiniWoBEnv:
         self.admissible = web.admissible(self.elements, texts)
         self.state = web.render(feedback, text, self.elements, self.admissible)
 
-    def _info(self, success, invalid):
+    def _info(self, success, invalid, truncated=False):
         return {"admissible": self.admissible, "instruction": self.instruction, "success": success,
-                "invalid": invalid, "steps": self.steps}
+                "invalid": invalid, "truncated": truncated, "steps": self.steps}
 
     def step(self, action: str | None) -> tuple[str, float, bool, dict]:
         if self.task is None or self.done:
@@ -288,8 +288,9 @@ class MiniWoBEnv:
         if action is None or action not in self.admissible:
             shown = action if action is not None else "(unparseable)"
             self.done = self.invalid_action == "fail" or self.steps >= self.max_steps
+            truncated = self.done and self.invalid_action != "fail"      # "step" mode ran out of steps
             self.state = replace_feedback(self.state, f"Invalid action: {shown}.")
-            return self.state, 0.0, self.done, self._info(False, True)
+            return self.state, 0.0, self.done, self._info(False, True, truncated=truncated)
         self._restore()
         obs, ended, meta = self.browser.act(*web.parse_action(action))
         self.actions.append(action)
@@ -303,7 +304,7 @@ class MiniWoBEnv:
             self.state = web.render(f"{feedback}. Episode over: {outcome}.", "", [], [])
         else:
             self._observe(obs, feedback)
-        return self.state, float(success), self.done, self._info(success, False)
+        return self.state, float(success), self.done, self._info(success, False, truncated=self.done and not ended)
 
     def gold_actions(self) -> list[str]:
         """A scripted solution from the utterance and the initial elements (tasks in SOLVERS)."""

@@ -141,9 +141,9 @@ class WebArenaEnv:
         self.admissible = listed + ["go back"]
         self.state = web.render(feedback, page, self.elements, self.admissible)
 
-    def _info(self, success, invalid):
+    def _info(self, success, invalid, truncated=False):
         return {"admissible": self.admissible, "instruction": self.instruction, "success": success,
-                "invalid": invalid, "steps": self.steps}
+                "invalid": invalid, "truncated": truncated, "steps": self.steps}
 
     def valid(self, action: str | None) -> bool:
         """Listed, or free text where WebArena needs it: typing into a listed input, or an answer."""
@@ -162,12 +162,13 @@ class WebArenaEnv:
         if not self.valid(action):
             shown = action if action is not None else "(unparseable)"
             self.done = self.invalid_action == "fail" or self.steps >= self.max_steps
+            truncated = self.done and self.invalid_action != "fail"      # "step" mode ran out of steps
             self.state = replace_feedback(self.state, f"Invalid action: {shown}.")
-            return self.state, 0.0, self.done, self._info(False, True)
+            return self.state, 0.0, self.done, self._info(False, True, truncated=truncated)
         obs, reward, terminated, truncated, _ = self.env.step(to_browsergym(action))
         error = obs.get("last_action_error") or ""
         success = bool(terminated) and reward >= 1.0
         self.done = bool(terminated or truncated) or self.steps >= self.max_steps
         feedback = action if not error else f"{action} failed: {error.splitlines()[0]}"
         self._observe(obs, feedback)
-        return self.state, float(success), self.done, self._info(success, False)
+        return self.state, float(success), self.done, self._info(success, False, truncated=self.done and not terminated)

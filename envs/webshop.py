@@ -158,9 +158,9 @@ class WebShopEnv:
         self.state = render_state_lines({"feedback": feedback, "page": kind.replace("_", " "), "you see": text,
                                          "options": join_items(options, "none")}, self.admissible)
 
-    def _info(self, success, invalid, score=0.0):
+    def _info(self, success, invalid, score=0.0, truncated=False):
         return {"admissible": self.admissible, "instruction": self.instruction, "success": success,
-                "invalid": invalid, "steps": self.steps, "score": score}
+                "invalid": invalid, "truncated": truncated, "steps": self.steps, "score": score}
 
     def step(self, action: str | None) -> tuple[str, float, bool, dict]:
         if self.task is None or self.done:
@@ -170,8 +170,9 @@ class WebShopEnv:
         if action is None or not (action in self.admissible or (search and self.page.search)):
             shown = action if action is not None else "(unparseable)"
             self.done = self.invalid_action == "fail" or self.steps >= self.max_steps
+            truncated = self.done and self.invalid_action != "fail"      # "step" mode ran out of steps
             self.state = replace_feedback(self.state, f"Invalid action: {shown}.")
-            return self.state, 0.0, self.done, self._info(False, True)
+            return self.state, 0.0, self.done, self._info(False, True, truncated=truncated)
         if search:
             self.page = self._get("POST", self.page.search, {"search_query": search.group(1)})
         else:
@@ -185,7 +186,7 @@ class WebShopEnv:
                                              "you see": "nothing", "options": "none"}, [])
             return self.state, score, True, self._info(score >= 1.0, False, score)
         self._observe(action)
-        return self.state, 0.0, self.done, self._info(False, False)
+        return self.state, 0.0, self.done, self._info(False, False, truncated=self.done)   # no purchase yet
 
     def _score(self) -> float | None:
         if "/done/" not in self.page.url:

@@ -89,7 +89,7 @@ def test_invalid_action_fails_or_costs_a_step(root):
     env = make_env(spec)
     env.reset(Task(spec, "train", 0))
     s, r, done, info = env.step("take apple 1 from fridge 1")
-    assert done and r == 0.0 and info["invalid"] and not info["success"]
+    assert done and r == 0.0 and info["invalid"] and not info["success"] and not info["truncated"]
     assert s.startswith("feedback: Invalid action: take apple 1 from fridge 1.")
     with pytest.raises(RuntimeError):
         env.step("look")
@@ -104,9 +104,12 @@ def test_step_limit(root):
     env = make_env(spec)
     _, info = env.reset(Task(spec, "train", 0))
     _, _, done, info = env.step(info["admissible"][0])
-    assert not done
+    assert not done and not info["truncated"]
     _, _, done, info = env.step(info["admissible"][0])
-    assert done and not info["success"]
+    assert done and not info["success"] and info["truncated"], "a budget ending is a truncation"
+    env = make_env(spec, invalid_action="step")
+    env.reset(Task(spec, "train", 0))
+    assert [env.step(None)[3]["truncated"] for _ in range(2)] == [False, True]
 
 
 def test_collect_expert_noisy_random(root):

@@ -113,14 +113,19 @@ def test_miniwob_wrong_click_fails_and_invalid_action_ends_episode():
     target = re.search(r'"([^"]+)"', info["instruction"]).group(1)
     wrong = next(f"click [{i}]" for i, (_, d) in _elements(state).items() if d.strip() != target)
     state, r, done, info = env.step(wrong)
-    assert done and r == 0.0 and not info["success"] and "task failed" in state
+    assert done and r == 0.0 and not info["success"] and "task failed" in state and not info["truncated"]
     env.reset(Task(spec, "train", 2))
     state, r, done, info = env.step("click [999]")
     assert done and r == 0.0 and info["invalid"] and state.startswith("feedback: Invalid action: click [999].")
+    assert not info["truncated"], "an invalid action that fails the episode is a termination"
     env = make_env(spec, invalid_action="step")
     s0, _ = env.reset(Task(spec, "train", 2))
     s, r, done, info = env.step(None)
     assert not done and info["invalid"] and s.splitlines()[1:] == s0.splitlines()[1:]
+    env = make_env(spec + ",max_steps=1", invalid_action="step")
+    env.reset(Task(spec, "train", 2))
+    _, _, done, info = env.step(None)
+    assert done and info["truncated"], "the step budget ran out: a truncation"
 
 
 @needs_miniwob
