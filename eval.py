@@ -243,6 +243,7 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
 # ----------------------------------------------------------------------------- command line
 def main(argv=None):
     import train
+    train.exit_on_sigterm()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("agent", help="real-env success of an agent checkpoint")

@@ -824,12 +824,19 @@ def load_checkpoint(path, agent, opt, head, buffer, rng, gen):
 
 # ============================================================================ evaluation, plots, main
 def fidelity_table(cfg: Config, fold: str, n_traj: int = 150) -> dict:
-    """M_exp fidelity on held-out real transitions (reward/done/state accuracy, parse failures)."""
+    """M_exp fidelity on held-out real transitions (reward/done/state accuracy, parse failures),
+    retrieving from the offline real data only: a finished run's buffer also holds its dreamed
+    transitions, which would make the number depend on how long the run dreamed."""
     from eval import fidelity, heldout_transitions
     dev = device_of(cfg)
     encoder = dg.Encoder()
     trajs = annotated_trajectories(cfg)
     buffer = build_buffer(cfg, trajs, encoder) if cfg.retrieval else None
+    if buffer is not None and any(t.source != "real" for t in buffer.items):
+        keep = [i for i, t in enumerate(buffer.items) if t.source == "real"]
+        real = dg.ReplayBuffer(encoder, cfg.buffer_capacity)          # in memory only: the run's files stay
+        real.add([buffer.items[i] for i in keep], buffer.emb[keep])
+        buffer = real
     exp = experience_model(cfg, trajs, seed_tasks(trajs), buffer, encoder, dev, None)
     return fidelity(exp, heldout_transitions(cfg.env, fold, n_traj))
 
@@ -960,7 +967,15 @@ def run(cfg: Config) -> dict:
     return results
 
 
+def exit_on_sigterm():
+    """`kill <pid>` (SIGTERM) becomes a normal exit, so atexit handlers run (MiniWoB's browsers would
+    otherwise outlive us). Nothing is lost: checkpoints and the buffer are written atomically."""
+    import signal
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv=None):
+    exit_on_sigterm()
     cfg = parse_args(argv)
     t0 = time.time()
     res = run(cfg)

@@ -7,6 +7,7 @@ run resumes to exactly the state an uninterrupted run reaches.
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -188,3 +189,37 @@ def test_table_s2r_continues_the_dream_run_exactly(tiny_run, tmp_path):
     assert a["metrics"] == b["metrics"]
     for k in a["weights"]:
         assert torch.equal(a["weights"][k], b["weights"][k]), k
+
+
+def test_fidelity_retrieves_from_the_offline_real_data_only(tiny_run, monkeypatch):
+    import eval as ev
+    _, cfg, res = tiny_run
+    seen = {}
+    monkeypatch.setattr(ev, "heldout_transitions", lambda *a, **k: [])
+    monkeypatch.setattr(ev, "fidelity", lambda exp, trs: seen.setdefault("items", list(exp.buffer.items)))
+    real_build = train.build_buffer
+
+    def with_a_dreamed_one(*a):                   # a run's buffer: offline real + dreamed transitions
+        buf = real_build(*a)
+        dreamed = dg.Transition.from_dict({**buf.items[0].to_dict(), "source": "dream"})
+        buf.items.append(dreamed)
+        buf.emb = np.concatenate([buf.emb, buf.emb[:1]])
+        return buf
+
+    monkeypatch.setattr(train, "build_buffer", with_a_dreamed_one)
+    run_buffer = [json.loads(x) for x in open(os.path.join(cfg.out, "buffer.jsonl"))]
+    train.fidelity_table(cfg, "dev")
+    assert len(seen["items"]) == res["offline_transitions"] and all(t.source == "real" for t in seen["items"])
+    assert [json.loads(x) for x in open(os.path.join(cfg.out, "buffer.jsonl"))] == run_buffer, "run files untouched"
+
+
+def test_sigterm_runs_exit_handlers(tmp_path):
+    """kill <pid> must let atexit handlers run (they close MiniWoB's Chromium and ChromeDriver)."""
+    import subprocess
+    import sys
+    flag = tmp_path / "closed"
+    code = ("import atexit, os, signal, time, train; train.exit_on_sigterm(); "
+            f"atexit.register(lambda: open({str(flag)!r}, 'w').write('yes')); "
+            "os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)
+    assert proc.returncode == 128 + 15 and flag.read_text() == "yes"
