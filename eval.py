@@ -147,7 +147,8 @@ def sampled_successes(cfg, run_dir: str, seed: int, which=("warm", "final")) -> 
     dev = train.device_of(cfg)
     best = os.path.join(run_dir, "agent_best")        # keep_best: the reported agent is the curve-fold best
     paths = {"warm": cfg.warm_ckpt or os.path.join(run_dir, "agent_warm"),
-             "final": best if cfg.keep_best and os.path.exists(best) else os.path.join(run_dir, "ckpt", "agent")}
+             "final": best if cfg.keep_best and os.path.exists(best) else os.path.join(run_dir, "ckpt", "agent"),
+             "last": os.path.join(run_dir, "ckpt", "agent")}
     out = {}
     for key, path in ((f"{w}_sampled", paths[w]) for w in which):
         agent = train.load_lm(cfg, path, dev, trainable=False)
@@ -202,8 +203,8 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
                 reuse_dream_phase(cfg, base_dir, over["algo"])
             res_file = os.path.join(run_dir, "results.json")
             res = json.load(open(res_file)) if os.path.exists(res_file) else train.run(cfg)
-            need = [w for w in (("warm", "final") if name == chosen[0][0] else ("final",))
-                    if sampled and f"{w}_sampled" not in res]
+            which = (("warm",) if name == chosen[0][0] else ()) + ("final",) + (("last",) if "last" in res else ())
+            need = [w for w in which if sampled and f"{w}_sampled" not in res]
             if need:
                 res.update(sampled_successes(cfg, run_dir, seed, need))
                 train.write_json(res_file, res)
@@ -212,21 +213,28 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
                 key = {"DreamGym-GRPO": "full"}.get(name, name.split(": ")[-1])
                 fid.setdefault(key, []).append(train.fidelity_table(cfg, cfg.eval_fold))
     first = results[chosen[0][0]]
-    cols = ["method", "real_transitions", "success", "collapsed", "selected"] + (["success_sampled"] if sampled else [])
+    # two protocols, both reported: the last agent (a fixed budget of iterations) and the dev-selected
+    # one (keep_best; "selected" = its iteration per seed, 0 = the warm start)
+    last = lambda r, k="": r.get("last" + k, r["final" + k])
+    cols = (["method", "real_transitions", "success_last"] + (["sampled_last"] if sampled else []) +
+            ["success", "selected"] + (["success_sampled"] if sampled else []) + ["collapsed"])
     rows = [dict(method="SFT (warm start)", real_transitions=int(np.mean([r["warm_transitions"] for r in first])),
                  success=mean_std([r["warm"]["success"] for r in first]),
                  collapsed=f'{sum(collapsed(r["warm"]) for r in first)}/{len(first)}')]
+    rows[0]["success_last"] = rows[0]["success"]
     if sampled:
-        rows[0]["success_sampled"] = mean_std([r["warm_sampled"]["success"] for r in first])
+        rows[0]["success_sampled"] = rows[0]["sampled_last"] = mean_std([r["warm_sampled"]["success"] for r in first])
     for name, _, _ in chosen:
         rs = results[name]
         rows.append(dict(method=name, real_transitions=int(np.mean([r["warm_transitions"] + r["rl_real_transitions"]
                                                                         for r in rs])),
                          success=mean_std([r["final"]["success"] for r in rs]),
                          collapsed=f'{sum(collapsed(r.get("last", r["final"])) for r in rs)}/{len(rs)}',
-                         selected=",".join(str(r.get("selected_iteration", "last")) for r in rs)))
+                         selected=",".join(str(r.get("selected_iteration", "last")) for r in rs),
+                         success_last=mean_std([last(r)["success"] for r in rs])))
         if sampled:
             rows[-1]["success_sampled"] = mean_std([r["final_sampled"]["success"] for r in rs])
+            rows[-1]["sampled_last"] = mean_std([last(r, "_sampled")["success"] for r in rs])
     text = format_table(rows, cols)
     if fid:
         frows = [dict(model=k, **{m: mean_std([f[m] for f in v]) for m in

@@ -985,8 +985,13 @@ def main(argv=None):
     name = {"dream": "DreamGym", "real": "real-env", "s2r": "DreamGym-S2R"}[cfg.mode] + "-" + cfg.algo.upper()
     rows = [dict(method="SFT warm start", real_transitions=res["warm_transitions"],
                  success=f"{res['warm']['success']:.3f}"),
-            dict(method=name, real_transitions=res["warm_transitions"] + res["rl_real_transitions"],
-                 success=f"{res['final']['success']:.3f}")]
+            dict(method=f"{name}, last agent", real_transitions=res["warm_transitions"] + res["rl_real_transitions"],
+                 success=f"{res.get('last', res['final'])['success']:.3f}")]
+    if "selected_iteration" in res:
+        it = res["selected_iteration"]
+        which = "the warm start" if it == 0 else f"iteration {it}"
+        rows.append(dict(method=f"{name}, {cfg.curve_fold}-selected ({which})",
+                         real_transitions=rows[-1]["real_transitions"], success=f"{res['final']['success']:.3f}"))
     print(f"\n{cfg.env}, {cfg.eval_fold} fold, {cfg.eval_episodes} episodes "
           f"(offline data for M_exp: {res['offline_transitions']} real transitions); {time.time() - t0:.0f}s")
     print(format_table(rows, ["method", "real_transitions", "success"]))
