@@ -229,7 +229,7 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
         rows.append(dict(method=name, real_transitions=int(np.mean([r["warm_transitions"] + r["rl_real_transitions"]
                                                                         for r in rs])),
                          success=mean_std([r["final"]["success"] for r in rs]),
-                         collapsed=f'{sum(collapsed(r.get("last", r["final"])) for r in rs)}/{len(rs)}',
+                         collapsed=f'{sum(collapsed(last(r)) for r in rs)}/{len(rs)}',
                          selected=",".join(str(r.get("selected_iteration", "last")) for r in rs),
                          success_last=mean_std([last(r)["success"] for r in rs])))
         if sampled:

@@ -646,8 +646,10 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
         print(f"resumed from {ckdir} at iteration {st.iteration}")
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=64, stop=(dg.AGENT_STOP,))
     max_steps = envs.max_steps(cfg.env)
-    if cfg.keep_best and eval_fn is not None and st.best_iteration < 0:
-        keep_if_best(cfg, st, agent, eval_fn(agent) if DIST.main else None, log)    # the warm start: iteration 0
+    if cfg.keep_best and eval_fn is not None and st.best_iteration < 0:      # the warm start: iteration 0
+        warm = eval_fn(agent) if DIST.main else None
+        log(stage="curve", iteration=0, fold=cfg.curve_fold, curve_success=warm)
+        keep_if_best(cfg, st, agent, warm)
     bar = tqdm(total=cfg.iterations, initial=min(st.iteration, cfg.iterations), desc=f"RL {cfg.mode}/{cfg.algo}",
                disable=not DIST.main)
     while (phase := next_phase(cfg, st)) is not None:
@@ -700,24 +702,14 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
     return st
 
 
-def keep_if_best(cfg: Config, st: RLState, agent, success: float | None, log=None):
+def keep_if_best(cfg: Config, st: RLState, agent, success: float | None):
     """Model selection on the held-out curve fold (never the evaluation fold): remember the agent with
     the best curve success so far, the warm start included (a tie keeps the earlier, less-trained one).
-    Saved before the checkpoint that records it, so a resumed run never points at a missing file."""
-    if not DIST.main:
-        return
-    if log is not None:
-        log(stage="curve", iteration=st.iteration, fold=cfg.curve_fold, curve_success=success)
-    if success > st.best_success:
+    Saved (atomically, with its tokenizer: `eval.py agent --ckpt <run>/agent_best` loads it) before the
+    checkpoint that records it, so a resumed run never points at a missing file. Rank 0 only."""
+    if DIST.main and success > st.best_success:
         st.best_success, st.best_iteration = success, st.iteration
-        path = os.path.join(cfg.out, "agent_best")
-        tmp = path + f".tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        agent.model.save_pretrained(tmp, safe_serialization=True)
-        agent.tokenizer.save_pretrained(tmp)          # a checkpoint of its own: eval.py agent --ckpt <run>/agent_best
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        save_model(agent.model, agent.tokenizer, os.path.join(cfg.out, "agent_best"))
 
 
 def load_agent_weights(agent, adir: str):
