@@ -8,7 +8,8 @@
    batch x new tokens; HF runs its normal generate (use_cache=True), same dtype, same threads. With
    --prefix N every row starts with the same N tokens: the engine gets them as its shared prefix,
    HF gets them inside each prompt. Runs alternate engine/HF; the ratio uses medians of wall time
-   (on CPU the process-time ratio is printed too: steadier on a machine shared with other jobs).
+   (on CPU the process-time ratio is printed too: steadier on a machine shared with other jobs; so is
+   the engine's speed with oneDNN linears off, to show how much of the ratio is the GEMM library).
 2. dream step: one agent turn (T=1 sampling, stop "</action>", 48 new tokens) and one
    experience-model turn (greedy, stop dreamgym.EXP_STOP, 96 new tokens) for B episodes through
    dreamgym.LocalLM, on two random tiny models, against the same done with HF generate (prompt ids
@@ -103,11 +104,15 @@ def bench_decode(model, tok, a):
     prefix = torch.randint(5, hi, (a.prefix,), generator=g).tolist()
     prompts = [torch.randint(5, hi, (a.prompt,), generator=g).tolist() for _ in range(a.batch)]
     eng = Engine(model, tok, max_batch=a.batch, eos_token_ids=())
+    plain = Engine(model, tok, max_batch=a.batch, eos_token_ids=(), onednn_linear=False)
     params = SamplingParams(temperature=0.0, max_new_tokens=a.new)
     ids, mask = left_pad([prefix + p for p in prompts], tok.pad_token_id)
 
     def run_engine():
         return eng.generate(prompts, params, prefix=prefix or None)
+
+    def run_plain():
+        return plain.generate(prompts, params, prefix=prefix or None)
 
     def run_hf():
         with torch.no_grad():
@@ -118,12 +123,14 @@ def bench_decode(model, tok, a):
         model.generate(input_ids=ids[:2, -8:], attention_mask=mask[:2, -8:], do_sample=False, max_new_tokens=2,
                        pad_token_id=tok.pad_token_id)
     eng.generate([p[:8] for p in prompts[:2]], SamplingParams(temperature=0.0, max_new_tokens=2))
-    te, th = [], []
+    te, th, tp = [], [], []
     for _ in range(a.repeats):
         t, gens = timed(run_engine, "engine")
         te.append(t)
         t, out = timed(run_hf, "hf")
         th.append(t)
+        if DEVICE.type == "cpu":
+            tp.append(timed(run_plain)[0])
     n = a.batch * a.new
     assert all(len(x.token_ids) == a.new for x in gens) and out.shape[1] - ids.shape[1] == a.new
     same = sum(x.token_ids == out[i, ids.shape[1]:].tolist() for i, x in enumerate(gens)) / a.batch
@@ -131,6 +138,9 @@ def bench_decode(model, tok, a):
     print(f"engine: {n / e:9.1f} tok/s  (runs {', '.join(f'{t:.2f}' for t in te)} s)")
     print(f"hf generate: {n / h:9.1f} tok/s  (runs {', '.join(f'{t:.2f}' for t in th)} s)")
     print(f"greedy rows identical to hf: {same:.0%}")
+    if tp:          # how much of the ratio is oneDNN's GEMM (see engine._onednn_linears)
+        print(f"engine without oneDNN linears: {n / statistics.median(tp):9.1f} tok/s, "
+              f"{h / statistics.median(tp):.2f}x hf generate (informative)")
     if DEVICE.type == "cpu":        # informative only: the ratio below is the wall-time one
         ce, ch = statistics.median(CPU_TIMES["engine"]), statistics.median(CPU_TIMES["hf"])
         print(f"cpu-time ratio (process_time, medians {ce:.2f} s vs {ch:.2f} s): {ch / ce:.2f}")

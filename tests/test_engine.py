@@ -120,6 +120,72 @@ def test_greedy_matches_hf_generate_and_full_forward_logprobs(lm, path):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_many_rows_greedy_matches_hf_with_and_without_onednn(lm, path):
+    """20 ragged rows: the decode step's linears run through oneDNN too (>= 16 rows); so does the
+    prefill of every run. Tokens equal HF's; log-probs equal those without oneDNN up to rounding."""
+    model, tok = lm
+    rows = prompts(tok, lens=[3 + (7 * i) % 29 for i in range(20)], seed=5)
+    p = SamplingParams(temperature=0.0, max_new_tokens=12)
+    ref = hf_greedy(model, tok, rows, 12)
+    runs = [engine(model, tok, path, eos_token_ids=(), onednn_linear=on).generate(rows, p) for on in (True, False)]
+    for gens in runs:
+        assert [g.token_ids for g in gens] == ref
+    assert torch.allclose(torch.tensor([x for g in runs[0] for x in g.logprobs]),
+                          torch.tensor([x for g in runs[1] for x in g.logprobs]), atol=1e-4)
+    assert engine_mod._onednn_ok()                 # the CPU wheel ships oneDNN: the path above really ran
+
+
+def test_onednn_linears_patch_and_restore(tiny):
+    """Every float32 nn.Linear (LoRA adapters and their base layers included) is routed through
+    oneDNN inside the context, with F.linear's results; forwards set by others are left alone;
+    everything is restored, also when the body raises."""
+    peft = pytest.importorskip("peft")
+    model, _ = models.load_model(tiny, models.ModelSpec(lora_r=4), device="cpu")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert any(isinstance(m, peft.tuners.lora.Linear) for m in model.modules()) and len(linears) > 20
+    hooked = linears[0]
+    hooked.forward = own = lambda x: torch.nn.functional.linear(x, hooked.weight, hooked.bias)
+    ids = torch.randint(4, 900, (4, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        with engine_mod._onednn_linears(model, True):
+            patched = [m for m in linears if "forward" in m.__dict__ and m is not hooked]
+            out = model(input_ids=ids).logits
+        assert len(patched) == len(linears) - 1 and hooked.forward is own
+        assert torch.allclose(out, ref, atol=1e-4)
+        with pytest.raises(RuntimeError), engine_mod._onednn_linears(model, True):
+            raise RuntimeError("boom")
+    assert all("forward" not in m.__dict__ for m in linears if m is not hooked) and hooked.forward is own
+    with engine_mod._onednn_linears(model, False):
+        assert all("forward" not in m.__dict__ for m in linears if m is not hooked)
+
+
+def test_kv_buffers_reused_across_calls(lm):
+    """On CPU the batch KV cache lives in buffers kept between calls: bigger, smaller and prefixed
+    batches through one engine give what fresh engines give, and a cached prefix is not overwritten
+    by the batches decoded after it."""
+    model, tok = lm
+    p = SamplingParams(temperature=0.0, max_new_tokens=9)
+    prefix = [tok.bos_token_id] + prompts(tok, lens=(7,), seed=6)[0]
+    calls = [(prompts(tok, lens=(4, 20, 11), seed=7), None), (prompts(tok, lens=[5 + i for i in range(18)], seed=8), None),
+             (prompts(tok, lens=(9, 2), seed=9), prefix), (prompts(tok, lens=[30] * 17, seed=10), None),
+             (prompts(tok, lens=(9, 2), seed=9), prefix)]
+    eng = Engine(model, tok, eos_token_ids=())
+    for rows, pre in calls:
+        got = eng.generate(rows, p, prefix=pre)
+        fresh = Engine(model, tok, eos_token_ids=()).generate(rows, p, prefix=pre)
+        assert [g.token_ids for g in got] == [g.token_ids for g in fresh]
+    assert len(eng._prefix) == 1 and eng._kv_buffers                # the last call hit the cached prefix
+    ptrs = [b.data_ptr() for b in eng._kv_buffers.values()]
+    eng.generate(calls[1][0], p)
+    assert [b.data_ptr() for b in eng._kv_buffers.values()] == ptrs   # no new allocation
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("compact", [0.0, 0.25, 1.0])             # at every finish / default / never
 def test_stop_strings_eos_lengths_and_compaction(lm, path, compact):
     model, tok = lm
@@ -300,26 +366,31 @@ def test_zero_new_tokens(lm):
 
 
 def test_static_shape_decode_matches(lm, monkeypatch):
-    """CPU decoding runs the static-shape step (whole-buffer attention, device-tensor column, rebuilt
-    after compaction) with the engine's own attention; the same step with the model's SDPA is what
-    the CUDA graph captures (the capture itself needs a GPU). Both match the dynamic-shape step."""
+    """The CPU default (cache columns so far, the engine's own attention over V stored transposed),
+    the static-shape step (whole-buffer attention, device-tensor column, rebuilt after compaction)
+    with the model's SDPA, which is what the CUDA graph captures (the capture itself needs a GPU),
+    and the static step with the engine's attention all match the dynamic step with the model's SDPA."""
     model, tok = lm
     rows = prompts(tok, lens=(5, 17, 1, 30, 9, 12))
     params = [SamplingParams(temperature=0.0, max_new_tokens=k) for k in (12, 3, 20, 1, 20, 7)]
     calls = []
     monkeypatch.setattr(engine_mod, "_cpu_decode_attention",
-                        lambda *a, **k: calls.append(1) or real_attention(*a, **k))
+                        lambda *a, **k: calls.append(a[3].stride(-1) != 1) or real_attention(*a, **k))
     runs = []
-    for static, own in ((False, False), (True, False), (True, True)):
+    for static, own in ((False, False), (False, True), (True, False), (True, True)):
         eng = Engine(model, tok, eos_token_ids=(), compact_fraction=0.0)
         eng._static_on_cpu, eng._cpu_attention = static, own
+        calls.clear()
         runs.append(eng.generate(rows, params, prefix=[tok.bos_token_id, 5, 6]))
+        if (static, own) == (False, True):
+            assert calls and all(calls)                            # the default: own attention, V transposed
+    assert calls and not any(calls)                                # static: V as the model gives it
+    assert (Engine(model, tok)._static_on_cpu, Engine(model, tok)._cpu_attention) == (False, True)
     dynamic = runs[0]
     for gens in runs[1:]:
         assert [g.token_ids for g in gens] == [g.token_ids for g in dynamic]
         assert torch.allclose(torch.tensor(sum((g.logprobs for g in gens), [])),
                               torch.tensor(sum((g.logprobs for g in dynamic), [])), atol=1e-4)
-    assert calls                                                   # the default CPU run used it
 
 
 def test_cpu_decode_attention_matches_sdpa():
@@ -330,8 +401,38 @@ def test_cpu_decode_attention_matches_sdpa():
     valid = torch.rand(B, L, generator=g) > 0.3
     valid[:, 0] = True
     bias = torch.zeros(B, 1, 1, L).masked_fill_(~valid[:, None, None], torch.finfo(torch.float32).min)
-    out, _ = real_attention(None, q, k, v, bias, scaling=0.3)
     ref = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=valid[:, None, None], scale=0.3)
-    assert out.shape == (B, 1, Hq, D)
-    assert torch.allclose(out, ref.transpose(1, 2), atol=1e-5)
+    # as the engine hands them over: [:, :, :L] views of longer buffers, V stored [B, H, D, L] or not
+    k_buf, v_buf, vt_buf = torch.zeros(B, Hk, L + 5, D), torch.zeros(B, Hk, L + 5, D), torch.zeros(B, Hk, D, L + 5)
+    k_buf[:, :, :L], v_buf[:, :, :L], vt_buf[:, :, :, :L] = k, v, v.transpose(2, 3)
+    for key, value in ((k, v), (k_buf[:, :, :L], v_buf[:, :, :L]), (k_buf[:, :, :L], vt_buf.transpose(2, 3)[:, :, :L])):
+        out, _ = real_attention(None, q, key, value, bias, scaling=0.3)
+        assert out.shape == (B, 1, Hq, D)
+        assert torch.allclose(out, ref.transpose(1, 2), atol=1e-5)
+
+
+def test_concurrent_generate_calls_take_turns(lm):
+    """A threaded server calls generate concurrently, on one engine and on two engines of the same
+    model: every call returns what it returns alone (shared KV buffers, patched linears and the
+    attention switch are never seen half-changed), and the model's forwards are restored."""
+    import threading
+    model, tok = lm
+    p = SamplingParams(temperature=0.0, max_new_tokens=10)
+    jobs = [prompts(tok, lens=[4 + (i + j) % 23 for j in range(17)], seed=20 + i) for i in range(6)]
+    alone = [[g.token_ids for g in Engine(model, tok, eos_token_ids=()).generate(rows, p)] for rows in jobs]
+    engines = [Engine(model, tok, eos_token_ids=()), Engine(model, tok, eos_token_ids=())]
+    got, errors = [None] * len(jobs), []
+
+    def run(i):
+        try:
+            got[i] = [g.token_ids for g in engines[i % 2].generate(jobs[i], p)]
+        except Exception as e:                      # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and got == alone
+    assert all("forward" not in m.__dict__ for m in model.modules())
