@@ -453,8 +453,9 @@ def _onednn_linears(model, enabled):
     CPU wheels do float32 GEMMs in MKL, which takes its AVX2 code on non-Intel CPUs; oneDNN picks its
     kernels by instruction set. Measured on an AMD EPYC (AVX-512), one thread, the engine's shapes
     (M = 64 and 1024 rows, K/N = 192/768): 180-230 GFLOP/s against ~90. Weights are packed again at
-    each call (the agent is trained between calls; ~0.3 ms per 2060x192 matrix), and each module's
-    forward is restored afterwards. Results equal F.linear's up to float32 rounding."""
+    each call (the agent is trained between calls; ~0.3 ms per 2060x192 matrix; the packed copies
+    live for the call, so a large float32 model on CPU holds its linear weights twice meanwhile), and
+    each module's forward is restored afterwards. Results equal F.linear's up to float32 rounding."""
     mods = []
     if enabled and _onednn_ok():
         for m in model.modules():
