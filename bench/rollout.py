@@ -3,6 +3,7 @@
     python bench/rollout.py                      # spec config: tiny, batch 64, prompt 256, 64 new, CPU
     python bench/rollout.py --threads 2 --prefix 64
     python bench/rollout.py --device cuda --preset qwen0.5b
+    python bench/rollout.py --run runs/default   # + the main job's dreamed episodes, end to end
 
 1. decode: greedy, no stop strings, EOS ignored by both (min_new_tokens for HF), so both produce
    batch x new tokens; HF runs its normal generate (use_cache=True), same dtype, same threads. With
@@ -14,6 +15,10 @@
    experience-model turn (greedy, stop dreamgym.EXP_STOP, 96 new tokens) for B episodes through
    dreamgym.LocalLM, on two random tiny models, against the same done with HF generate (prompt ids
    from the same LocalLM, sampler log-probs from output_logits, stop_strings for stops).
+3. with --run DIR (a finished train.py run): its dreamed episodes end to end, the trained agent
+   (greedy) against the trained M_exp with retrieval from the run's replay buffer, through DreamEnv
+   and dg.run_episodes as train.py dreams, the engine against HFBackend (the same LocalLMs with
+   transformers' generate underneath): agent turns per second, and whether the episodes are identical.
 Ends with `speedup_vs_hf_generate: X`.
 """
 from __future__ import annotations
@@ -30,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
-from engine import Engine, SamplingParams  # noqa: E402
+from engine import Engine, Generation, SamplingParams  # noqa: E402
 
 SYLLABLES = "ka lo mi ne ru ta so fi be do ga he ji ku ly mo nu pi qa ri su ve wo xi za".split()
 
@@ -214,6 +219,89 @@ def bench_dream(a):
         print(f"dream_step_speedup_vs_hf_generate: {h / e:.2f}")
 
 
+# ----------------------------------------------------------------------------- 3. end to end (a finished run)
+class HFBackend:
+    """Engine.generate's interface on transformers' generate(), so a LocalLM can swap its engine for
+    it: left-padded batch, single-token stops as extra EOS ids (the tiny tokenizer spells each tag
+    with one token), longer ones as stop_strings; sampler log-probs from output_logits."""
+
+    def __init__(self, model, tok):
+        self.model, self.tok = model, tok
+
+    def generate(self, prompts, params, prefix=None, generator=None):
+        if isinstance(params, (list, tuple)):
+            raise ValueError("HFBackend takes one SamplingParams per call")
+        tok, rows = self.tok, [list(prefix or []) + list(p) for p in prompts]
+        ids, mask = left_pad(rows, tok.pad_token_id)
+        single = [tok(s, add_special_tokens=False)["input_ids"] for s in params.stop]
+        eos = [tok.eos_token_id] + [t[0] for t in single if len(t) == 1]
+        strings = [s for s, t in zip(params.stop, single) if len(t) > 1]
+        sample = params.temperature > 0
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=params.max_new_tokens,
+                                      do_sample=sample, temperature=params.temperature if sample else None,
+                                      top_k=0 if sample else None, top_p=1.0 if sample else None,
+                                      eos_token_id=eos, stop_strings=strings or None, tokenizer=tok, use_cache=True,
+                                      pad_token_id=tok.pad_token_id, return_dict_in_generate=True,
+                                      output_logits=True)
+        new = out.sequences[:, ids.shape[1]:]
+        logits = torch.stack(out.logits, 1).float() / (params.temperature if sample else 1.0)
+        logp = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0]
+        gens = []
+        for row, lp in zip(new.tolist(), logp.tolist()):
+            n = next((j + 1 for j, t in enumerate(row) if t in eos), None)
+            if n is None:                                   # a stop string ended it, or the length did
+                n = len(row) - next((j for j, t in enumerate(reversed(row)) if t != tok.pad_token_id), len(row))
+            text = tok.decode(row[:n], skip_special_tokens=True)
+            ends = [text.find(s) + len(s) for s in params.stop if s in text]
+            stopped = bool(ends) or (n and row[n - 1] in eos)
+            gens.append(Generation(text=text[:min(ends)] if ends else text, token_ids=row[:n], logprobs=lp[:n],
+                                   finish_reason="stop" if stopped else "length"))
+        return gens
+
+
+def bench_run(a):
+    """Dreamed episodes of a finished run: its warm-start agent (greedy, so both backends play the
+    same episodes) against its M_exp with retrieval from its replay buffer, through DreamEnv and
+    dg.run_episodes exactly as train.py dreams. Counts agent turns (each is one agent generation and,
+    unless the action is invalid, one M_exp step with retrieval and parsing)."""
+    import json
+
+    import dreamgym as dg
+    import envs
+    import train
+    cfg = train.Config(**json.load(open(os.path.join(a.run, "config.json"))))
+    encoder = dg.Encoder() if cfg.retrieval else None
+    buffer = dg.ReplayBuffer.load(os.path.join(a.run, "buffer"), encoder, cfg.buffer_capacity, attach=False) \
+        if cfg.retrieval else None
+    (agent_m, tok), (exp_m, etok) = (models.load_model(os.path.join(a.run, d), device=DEVICE, trainable=False)
+                                     for d in ("agent_warm", "exp_model"))
+    starts = {}
+    for t in (buffer.items if buffer else []):
+        if t.source == "real" and t.t == 0:
+            starts.setdefault(t.task.id, dg.Task(env=t.task.env, fold=t.task.fold, seed=t.task.seed,
+                                                 instruction=t.task.instruction, init_state=t.state))
+    tasks = [starts[k] for k in sorted(starts)][:a.batch]
+    params = SamplingParams(temperature=0.0, max_new_tokens=64, stop=(dg.AGENT_STOP,))
+    runs, outcomes = {}, {}
+    for rep in range(a.repeats):
+        for name in ("engine", "hf"):
+            agent, exp_lm = dg.LocalLM(agent_m, tok), dg.LocalLM(exp_m, etok)
+            if name == "hf":
+                agent.engine, exp_lm.engine = HFBackend(agent_m, tok), HFBackend(exp_m, etok)
+            env = dg.DreamEnv(train.exp_model_of(cfg, exp_lm, buffer), envs.max_steps(cfg.env))
+            t, eps = timed(lambda: dg.run_episodes(agent, env, tasks, params, cfg.history))
+            runs.setdefault(name, []).append((t, sum(len(e.turns) for e in eps)))
+            outcomes[name] = [(e.success, [tr.action for tr in e.transitions]) for e in eps]
+    rate = {k: statistics.median(n / t for t, n in v) for k, v in runs.items()}
+    same = sum(x == y for x, y in zip(outcomes["engine"], outcomes["hf"])) / len(tasks)
+    print(f"{len(tasks)} dreamed episodes of {a.run}: {runs['engine'][0][1]} agent turns (engine), "
+          f"{runs['hf'][0][1]} (hf); episodes identical: {same:.0%}")
+    print(f"dream_episode_turns_per_s: {rate['engine']:.1f}")
+    print(f"dream_episode_turns_per_s_hf_generate: {rate['hf']:.1f}")
+    print(f"dream_episode_speedup_vs_hf_generate: {rate['engine'] / rate['hf']:.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=64)
@@ -225,6 +313,8 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-dream", action="store_true", help="skip the dream-step section")
+    ap.add_argument("--run", default="", help="a finished train.py run (e.g. runs/default): also time its "
+                    "dreamed episodes end to end (its agent, M_exp and replay buffer)")
     a = ap.parse_args()
     global DEVICE
     DEVICE = torch.device(a.device)
@@ -244,6 +334,9 @@ def main():
     if not a.no_dream:
         print("== dream step (agent turn + experience-model turn, tiny models)")
         bench_dream(a)
+    if a.run:
+        print("== dreamed episodes end to end (a finished run's agent, M_exp, retrieval)")
+        bench_run(a)
     print(f"speedup_vs_hf_generate: {speedup:.2f}")
 
 
