@@ -441,9 +441,13 @@ def _onednn_ok() -> bool:
 
 
 def _packed_linear(module, packed, x):
-    if x.numel() < 16 * x.shape[-1]:            # a few rows: plain GEMV is faster than oneDNN's call
-        return torch.nn.functional.linear(x, module.weight, module.bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
+    if x.numel() >= 16 * x.shape[-1] and _ONEDNN["ok"]:    # a few rows: plain GEMV is faster than oneDNN's call
+        try:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
+        except RuntimeError as e:       # an input oneDNN refuses: F.linear below (it raises if the input is bad)
+            _ONEDNN["ok"] = False
+            warnings.warn(f"engine: oneDNN linear failed ({str(e).splitlines()[0][:200]}); using torch's GEMM")
+    return torch.nn.functional.linear(x, module.weight, module.bias)
 
 
 @contextmanager

@@ -436,3 +436,21 @@ def test_concurrent_generate_calls_take_turns(lm):
         t.join()
     assert not errors and got == alone
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_onednn_failure_falls_back_once(lm, monkeypatch):
+    """If oneDNN's op raises mid-call, the layer falls back to F.linear (same tokens), says so once,
+    and later calls skip oneDNN."""
+    model, tok = lm
+    rows = prompts(tok, lens=[4 + i for i in range(20)], seed=11)
+    p = SamplingParams(temperature=0.0, max_new_tokens=6)
+    ref = [g.token_ids for g in Engine(model, tok, eos_token_ids=(), onednn_linear=False).generate(rows, p)]
+
+    def boom(*a, **k):
+        raise RuntimeError("unsupported layout")
+    monkeypatch.setattr(engine_mod, "_ONEDNN", {"ok": True})
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", boom)
+    with pytest.warns(UserWarning, match="oneDNN linear failed"):
+        got = [g.token_ids for g in Engine(model, tok, eos_token_ids=()).generate(rows, p)]
+    assert got == ref and engine_mod._ONEDNN["ok"] is False
+    assert all("forward" not in m.__dict__ for m in model.modules())
