@@ -282,6 +282,8 @@ def bench_run(a):
             starts.setdefault(t.task.id, dg.Task(env=t.task.env, fold=t.task.fold, seed=t.task.seed,
                                                  instruction=t.task.instruction, init_state=t.state))
     tasks = [starts[k] for k in sorted(starts)][:a.batch]
+    if not tasks:
+        sys.exit(f"--run {a.run}: no start states (they come from the run's replay buffer: a run with retrieval on)")
     params = SamplingParams(temperature=0.0, max_new_tokens=64, stop=(dg.AGENT_STOP,))
     runs, outcomes = {}, {}
     for rep in range(a.repeats):
