@@ -264,10 +264,15 @@ class Engine:
         D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         static, cpu = self._static(w.device), w.device.type == "cpu"
         # CPU: buffers reused across calls (the GPU's caching allocator already reuses its blocks);
-        # V stored transposed for the engine's own decode attention (the static step uses the model's)
+        # V stored transposed for the engine's own decode attention (the static step reads the buffers
+        # as the model's attention expects them)
         return KVCache(len(self._decoder.layers), B, H, L, D, w.dtype, w.device, zero=static,
-                       v_transposed=cpu and not static and self._cpu_attention,
+                       v_transposed=not static and self._own_attention(w.device),
                        buffers=self._kv_buffers if cpu and reuse else None)
+
+    def _own_attention(self, device) -> bool:
+        """Decode steps on CPU use `_cpu_decode_attention` (tests switch it off to compare)."""
+        return device.type == "cpu" and self._cpu_attention
 
     def _static(self, device) -> bool:
         """Static-shape decode: captured in CUDA graphs on GPU; on CPU only when tests ask for it."""
@@ -538,8 +543,8 @@ class _FastState:
         if self.graph is not None:
             return self.graph(tok, pos, cur)
         self.cache.start = cur
-        own = self.eng._cpu_attention and tok.device.type == "cpu"
-        return self.eng._fast_forward(tok, pos, valid[:, None, None, :cur + 1], self.cache, cpu_attention=own)
+        return self.eng._fast_forward(tok, pos, valid[:, None, None, :cur + 1], self.cache,
+                                      cpu_attention=self.eng._own_attention(tok.device))
 
     def select(self, keep):
         self.cache.select(keep)
@@ -575,7 +580,7 @@ class _DecodeGraph:
     def __init__(self, eng, cache, valid, tok, pos, cur, capture):
         self.cache, self.tok, self.pos, self.graph = cache, tok.clone(), pos.clone(), None
         cache.static, cache.col = True, torch.tensor([cur], device=tok.device)
-        own = not capture and eng._cpu_attention and tok.device.type == "cpu"
+        own = eng._own_attention(tok.device)                     # never when capturing (CUDA)
         self.run = lambda: eng._fast_forward(self.tok, self.pos, valid[:, None, None, :], cache, cpu_attention=own)
         if capture:
             s = torch.cuda.Stream()

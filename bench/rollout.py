@@ -13,12 +13,11 @@
    the engine's speed with oneDNN linears off, to show how much of the ratio is the GEMM library).
 2. dream step: one agent turn (T=1 sampling, stop "</action>", 48 new tokens) and one
    experience-model turn (greedy, stop dreamgym.EXP_STOP, 96 new tokens) for B episodes through
-   dreamgym.LocalLM, on two random tiny models, against the same done with HF generate (prompt ids
-   from the same LocalLM, sampler log-probs from output_logits, stop_strings for stops).
+   dreamgym.LocalLM, on two random tiny models, against the same LocalLMs with HFBackend (transformers'
+   generate) in place of the engine (sampler log-probs from output_logits, stop_strings for stops).
 3. with --run DIR (a finished train.py run): its dreamed episodes end to end, the trained agent
    (greedy) against the trained M_exp with retrieval from the run's replay buffer, through DreamEnv
-   and dg.run_episodes as train.py dreams, the engine against HFBackend (the same LocalLMs with
-   transformers' generate underneath): agent turns per second, and whether the episodes are identical.
+   and dg.run_episodes as train.py dreams, the engine against HFBackend: agent turns per second, and whether the episodes are identical.
 Ends with `speedup_vs_hf_generate: X`.
 """
 from __future__ import annotations
@@ -165,65 +164,11 @@ def user_texts(tok, n, length, seed):
     return out
 
 
-def hf_turn(lm, system, users, p):
-    """The same turn with generate(): ids from LocalLM, sampler log-probs from output_logits. The
-    tiny tokenizer spells each tag with one token, so stops are extra EOS ids (HF's stop_strings
-    cannot preprocess added tokens); longer stops go through stop_strings."""
-    tok = lm.tokenizer
-    rows = [lm.prefix(system)[1] + lm.user_ids(system, u) for u in users]
-    ids, mask = left_pad(rows, tok.pad_token_id)
-    sample = p.temperature > 0
-    single = [tok(s, add_special_tokens=False)["input_ids"] for s in p.stop]
-    eos = [tok.eos_token_id] + [t[0] for t in single if len(t) == 1]
-    strings = [s for s, t in zip(p.stop, single) if len(t) > 1]
-    with torch.no_grad():
-        out = lm.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=p.max_new_tokens,
-                                do_sample=sample, temperature=p.temperature if sample else None,
-                                top_k=0 if sample else None, top_p=1.0 if sample else None, eos_token_id=eos,
-                                stop_strings=strings or None, tokenizer=tok, use_cache=True,
-                                pad_token_id=lm.tokenizer.pad_token_id, return_dict_in_generate=True,
-                                output_logits=True)
-    new = out.sequences[:, ids.shape[1]:]
-    logits = torch.stack(out.logits, 1).float() / (p.temperature if sample else 1.0)
-    logp = torch.log_softmax(logits, -1).gather(-1, new[..., None])[..., 0]
-    return lm.tokenizer.batch_decode(new, skip_special_tokens=True), logp
-
-
-def bench_dream(a):
-    import dreamgym as dg
-    with tempfile.TemporaryDirectory() as root:
-        (agent_m, tok), (exp_m, _) = tiny_models(root, "tiny", n=2)
-        agent, exp = dg.LocalLM(agent_m, tok, max_batch=a.batch), dg.LocalLM(exp_m, tok, max_batch=a.batch)
-        users_a, users_e = user_texts(tok, a.batch, 200, 1), user_texts(tok, a.batch, 200, 2)
-        pa = SamplingParams(temperature=1.0, max_new_tokens=48, stop=(dg.AGENT_STOP,))
-        pe = SamplingParams(temperature=0.0, max_new_tokens=96, stop=(dg.EXP_STOP,))
-        gen = torch.Generator(device=DEVICE).manual_seed(0)
-
-        def engine_step():
-            agent.generate(dg.AGENT_SYSTEM, users_a, pa, generator=gen)
-            return exp.generate(dg.EXP_SYSTEM, users_e, pe)
-
-        def hf_step():
-            hf_turn(agent, dg.AGENT_SYSTEM, users_a, pa)
-            return hf_turn(exp, dg.EXP_SYSTEM, users_e, pe)
-
-        hf_turn(agent, dg.AGENT_SYSTEM, users_a[:2], SamplingParams(temperature=0.0, max_new_tokens=2))
-        agent.generate(dg.AGENT_SYSTEM, users_a[:2], SamplingParams(temperature=0.0, max_new_tokens=2))
-        te, th = [], []
-        for _ in range(a.repeats):
-            te.append(timed(engine_step)[0])
-            th.append(timed(hf_step)[0])
-        e, h = statistics.median(te), statistics.median(th)
-        print(f"dream_step_turns_per_s: {a.batch / e:.1f}")
-        print(f"dream_step_turns_per_s_hf_generate: {a.batch / h:.1f}")
-        print(f"dream_step_speedup_vs_hf_generate: {h / e:.2f}")
-
-
-# ----------------------------------------------------------------------------- 3. end to end (a finished run)
 class HFBackend:
     """Engine.generate's interface on transformers' generate(), so a LocalLM can swap its engine for
-    it: left-padded batch, single-token stops as extra EOS ids (the tiny tokenizer spells each tag
-    with one token), longer ones as stop_strings; sampler log-probs from output_logits."""
+    it (same prompt ids): left-padded batch, single-token stops as extra EOS ids (the tiny tokenizer
+    spells each tag with one token; HF's stop_strings cannot preprocess added tokens), longer ones as
+    stop_strings; sampler log-probs from output_logits."""
 
     def __init__(self, model, tok):
         self.model, self.tok = model, tok
@@ -260,6 +205,39 @@ class HFBackend:
         return gens
 
 
+def bench_dream(a):
+    import dreamgym as dg
+    with tempfile.TemporaryDirectory() as root:
+        (agent_m, tok), (exp_m, _) = tiny_models(root, "tiny", n=2)
+        agent, exp = dg.LocalLM(agent_m, tok, max_batch=a.batch), dg.LocalLM(exp_m, tok, max_batch=a.batch)
+        hf_agent, hf_exp = dg.LocalLM(agent_m, tok), dg.LocalLM(exp_m, tok)
+        hf_agent.engine, hf_exp.engine = HFBackend(agent_m, tok), HFBackend(exp_m, tok)
+        users_a, users_e = user_texts(tok, a.batch, 200, 1), user_texts(tok, a.batch, 200, 2)
+        pa = SamplingParams(temperature=1.0, max_new_tokens=48, stop=(dg.AGENT_STOP,))
+        pe = SamplingParams(temperature=0.0, max_new_tokens=96, stop=(dg.EXP_STOP,))
+        gen = torch.Generator(device=DEVICE).manual_seed(0)
+
+        def engine_step():
+            agent.generate(dg.AGENT_SYSTEM, users_a, pa, generator=gen)
+            return exp.generate(dg.EXP_SYSTEM, users_e, pe)
+
+        def hf_step():
+            hf_agent.generate(dg.AGENT_SYSTEM, users_a, pa)
+            return hf_exp.generate(dg.EXP_SYSTEM, users_e, pe)
+
+        hf_agent.generate(dg.AGENT_SYSTEM, users_a[:2], SamplingParams(temperature=0.0, max_new_tokens=2))
+        agent.generate(dg.AGENT_SYSTEM, users_a[:2], SamplingParams(temperature=0.0, max_new_tokens=2))
+        te, th = [], []
+        for _ in range(a.repeats):
+            te.append(timed(engine_step)[0])
+            th.append(timed(hf_step)[0])
+        e, h = statistics.median(te), statistics.median(th)
+        print(f"dream_step_turns_per_s: {a.batch / e:.1f}")
+        print(f"dream_step_turns_per_s_hf_generate: {a.batch / h:.1f}")
+        print(f"dream_step_speedup_vs_hf_generate: {h / e:.2f}")
+
+
+# ----------------------------------------------------------------------------- 3. end to end (a finished run)
 def bench_run(a):
     """Dreamed episodes of a finished run: its warm-start agent (greedy, so both backends play the
     same episodes) against its M_exp with retrieval from its replay buffer, through DreamEnv and
