@@ -13,6 +13,7 @@
 7. DreamEnv    the experience model behind the same batched protocol as a real environment.
 8. Rollouts    the agent acting in any (real or dreamed) batched environment -> Episodes.
 9. RL math     GRPO / GAE advantages (kernels/) and the clipped policy loss: small pure functions.
+10. Evaluation  real-env success of an agent (greedy or sampled); fidelity of M_exp on held-out data.
 """
 from __future__ import annotations
 
@@ -23,14 +24,17 @@ import os
 import random
 import re
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 import envs
+from engine import Engine, Generation, SamplingParams
 from envs.base import StepResult, Task, parse_state_actions, replace_feedback
+from envs.collect import collect, read_jsonl, write_jsonl
+from kernels import gae, grpo_advantages, linear_logprobs
 
 # ============================================================================ 1. formats
 AGENT_SYSTEM = ("You are an agent in a text environment. Read the task and the state, think briefly, "
@@ -420,6 +424,25 @@ def _items(state: str, key: str) -> set[str]:
     return set() if body in ("", "nothing", "none", "-") else {x.strip() for x in body.split(";")}
 
 
+def plan_thought(tr: "Transition") -> str:
+    """A thought written before acting, from what the agent sees (the state and its recent history),
+    never from the outcome: where a move leads and whether that room was seen recently, or that the
+    object to take is in sight. The warm start's `--agent_thoughts plan` targets (R*_t, by contrast,
+    explains what the action did)."""
+    a = tr.action
+    seen = {fb[len("You are in the "):].rstrip(".") for _, fb in tr.history if fb.startswith("You are in the ")}
+    seen.add(_line(tr.state, "room"))
+    if a.startswith("move "):
+        d = a.split()[-1]
+        beyond = next((e[len(d) + 1:].split(" (")[0] for e in _items(tr.state, "exits") if e.startswith(d + " ")), "")
+        if beyond:
+            return f"{d} leads to the {beyond}, " + ("seen already." if beyond in seen else "not seen yet.")
+        return f"I go {d}."
+    if a.startswith("take "):
+        return f"the {a[5:]} is here, so I take it."
+    return f"next: {a}."
+
+
 class RuleAnnotator:
     """R*_t without a teacher model: explain each real transition from what changed between the two
     abstract states (TextWorldExpress: things moved, containers opened, room changed; web pages:
@@ -481,7 +504,6 @@ class TeacherAnnotator:
     call (LocalLM or EndpointLM). Malformed JSON is retried, then counted and skipped."""
 
     def __init__(self, lm, retries: int = 1, max_new_tokens: int = 1024):
-        from engine import SamplingParams
         self.lm, self.retries = lm, retries
         self.params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
         self.failures = 0
@@ -549,7 +571,6 @@ def annotate_offline(trajs: list[list[Transition]], annotator, cache_path: str |
             if res is not None:
                 cache[tr[0].traj] = res
         if cache_path:
-            from envs.collect import write_jsonl
             write_jsonl(cache_path, [{"traj": k, "reasoning": v} for k, v in sorted(cache.items())])
     skipped = 0
     for tr in trajs:
@@ -573,7 +594,6 @@ class LocalLM:
     cache is computed once by the engine and reused for every row and turn."""
 
     def __init__(self, model, tokenizer, max_batch: int = 64):
-        from engine import Engine
         self.model, self.tokenizer = model, tokenizer
         self.engine = Engine(model, tokenizer, max_batch=max_batch)
         self._prefix_cache: dict[str, tuple[str, list[int]]] = {}
@@ -652,7 +672,6 @@ class EndpointLM:
     def generate(self, system: str, users: list[str], params, generator=None):
         from concurrent.futures import ThreadPoolExecutor
 
-        from engine import Generation
         with ThreadPoolExecutor(self.workers) as pool:
             texts = list(pool.map(lambda u: self._one(system, u, params), users))
         return [Generation(text=t, token_ids=[], logprobs=[], finish_reason="stop") for t in texts]
@@ -687,7 +706,6 @@ class ExperienceModel:
 
     def __init__(self, lm, buffer: ReplayBuffer | None, k: int = 3, history: int = 3, reasoning: bool = True,
                  retrieval: bool = True, temperature: float = 0.0, max_new_tokens: int = 320):
-        from engine import SamplingParams
         self.lm, self.buffer, self.k, self.h = lm, buffer, k, history
         self.reasoning, self.retrieval = reasoning, retrieval and k > 0
         self.params = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, stop=(EXP_STOP,))
@@ -781,7 +799,6 @@ class TaskGenerator:
 
     def __init__(self, lm, temperature: float = 1.0, max_new_tokens: int = 256, judge: bool = False,
                  vocabulary: set[str] | None = None):
-        from engine import SamplingParams
         self.lm, self.judge, self.vocabulary = lm, judge, vocabulary
         self.params = SamplingParams(temperature=temperature, top_p=0.95, max_new_tokens=max_new_tokens,
                                      stop=(TASK_STOP,))
@@ -848,7 +865,6 @@ class TaskGenerator:
         return out
 
     def _judged(self, tasks: list[Task], seeds: dict[str, Task]) -> list[Task]:
-        from engine import SamplingParams
         prompts = [self.JUDGE.format(seed=task_target(seeds[t.parent]), new=task_target(t)) for t in tasks]
         gens = self.lm.generate(TASK_SYSTEM, prompts, SamplingParams(temperature=0.0, max_new_tokens=4))
         keep = [t for t, g in zip(tasks, gens) if g.text.strip().lower().startswith("yes")]
@@ -970,15 +986,13 @@ def run_episodes(agent: LocalLM, env, tasks: list[Task], params, history: int = 
 
 
 def make_real_env(spec: str, n: int, invalid_action: str = "fail"):
-    from envs import BatchEnv, make_env
-    return BatchEnv(lambda: make_env(spec, invalid_action=invalid_action), n)
+    return envs.BatchEnv(lambda: envs.make_env(spec, invalid_action=invalid_action), n)
 
 
 # ============================================================================ 9. RL math
 def episode_advantages(episodes: list[Episode], scale: str = "group", device="cpu") -> torch.Tensor:
     """GRPO: outcome reward normalised within each group of rollouts of the same task
     (on a CUDA device: the Triton kernel)."""
-    from kernels import grpo_advantages
     r = torch.tensor([e.reward for e in episodes], dtype=torch.float32, device=device)
     g = torch.tensor([e.group for e in episodes], dtype=torch.int64, device=device)
     return grpo_advantages(r, g, scale=scale).cpu()
@@ -986,7 +1000,6 @@ def episode_advantages(episodes: list[Episode], scale: str = "group", device="cp
 
 def turn_gae(episodes: list[Episode], values: list[list[float]], gamma: float, lam: float, device="cpu"):
     """PPO: GAE over an episode's turns, per-turn rewards and critic values -> (adv, returns) per turn."""
-    from kernels import gae
     T = max(len(e.turns) for e in episodes)
     rew = torch.zeros(len(episodes), T)
     val = torch.zeros(len(episodes), T)
@@ -1020,7 +1033,6 @@ def response_logprobs(model, batch: dict, temperature: float = 1.0, with_values=
     LM-head kernel, so B x L x V logits never exist. batch: input_ids, attention_mask, target_pos
     (flat indices of positions that predict a response token), targets; optionally value_pos.
     Returns (logp, entropy, values or None)."""
-    from kernels import linear_logprobs
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     flat = hidden.reshape(-1, hidden.shape[-1])
@@ -1067,3 +1079,84 @@ def token_batches(items: list, lengths: list[int], max_tokens: int) -> list[list
     if cur:
         out.append(cur)
     return out
+
+
+# ============================================================================ 10. evaluation
+# Real-env success of an agent on a held-out fold, and the fidelity of M_exp against held-out real
+# transitions: the two numbers every result table of this project is made of.
+def eval_tasks(env: str, fold: str, n: int) -> list[Task]:
+    seeds = list(envs.task_seeds(env, fold))
+    if n > len(seeds):
+        raise ValueError(f"the {fold} fold has only {len(seeds)} tasks")
+    return [Task(env, fold, s) for s in seeds[:n]]
+
+
+def evaluate_agent(agent: LocalLM, env: str, fold: str = "test", episodes: int = 100, history: int = 3,
+                   batch: int = 64, temperature: float = 0.0, samples: int = 1, seed: int = 0) -> dict:
+    """Real-env success rate, mean reward, steps and format-error rate over a fold's first seeds.
+    Greedy by default. With temperature > 0 every task is played `samples` times (seeded): the
+    success of the policy RL actually trains, which a greedy argmax can hide (see README)."""
+    if temperature == 0 and samples != 1:
+        raise ValueError("greedy evaluation is deterministic: use samples=1")
+    params = SamplingParams(temperature=temperature, max_new_tokens=64, stop=(AGENT_STOP,))
+    gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
+    eps = []
+    tasks = [t for t in eval_tasks(env, fold, episodes) for _ in range(samples)]
+    for i in range(0, len(tasks), batch):
+        chunk = tasks[i:i + batch]
+        eps += run_episodes(agent, make_real_env(env, len(chunk)), chunk, params, history, generator=gen)
+    turns = sum(len(e.turns) for e in eps)
+    return dict(success=float(np.mean([e.success for e in eps])), reward=float(np.mean([e.reward for e in eps])),
+                steps=float(np.mean([len(e.turns) for e in eps])),
+                format_error=sum(e.format_errors for e in eps) / max(1, turns),
+                invalid=sum(t.invalid for e in eps for t in e.transitions) / max(1, turns), episodes=len(eps))
+
+
+def token_f1(pred: str, gold: str) -> float:
+    p, g = re.findall(r"\w+", pred.lower()), re.findall(r"\w+", gold.lower())
+    if not p or not g:
+        return float(p == g)
+    common = sum((Counter(p) & Counter(g)).values())
+    if common == 0:
+        return 0.0
+    prec, rec = common / len(p), common / len(g)
+    return 2 * prec * rec / (prec + rec)
+
+
+def fidelity(exp: ExperienceModel, transitions: list[Transition], batch: int = 64) -> dict:
+    """Compare M_exp's predictions with held-out real transitions: reward and done accuracy (and the
+    reward accuracy on the rare positive steps, which a constant-0 predictor gets all wrong),
+    invalid-action detection (predicts a failure: done with reward 0), next-state exact match and
+    token F1 (valid actions), the share of first outputs that were malformed (parse_fail) and the share
+    still malformed after the one retry (failed)."""
+    preds = []
+    before = dict(exp.stats)
+    for i in range(0, len(transitions), batch):
+        chunk = transitions[i:i + batch]
+        preds += exp.step([ExpQuery(t.task, t.history, t.state, t.action) for t in chunk])
+    valid = [(t, p) for t, p in zip(transitions, preds) if not t.invalid]
+    invalid = [(t, p) for t, p in zip(transitions, preds) if t.invalid]
+    pos = [(t, p) for t, p in valid if t.reward > 0]
+    return dict(
+        n=len(transitions),
+        reward_acc=float(np.mean([(p.reward > 0.5) == (t.reward > 0.5) for t, p in zip(transitions, preds)])),
+        reward_acc_pos=float(np.mean([p.reward > 0.5 for _, p in pos])) if pos else float("nan"),
+        done_acc=float(np.mean([p.done == t.terminal for t, p in zip(transitions, preds)])),
+        invalid_detect=float(np.mean([p.done and p.reward < 0.5 for _, p in invalid])) if invalid else float("nan"),
+        state_exact=float(np.mean([p.next_state.strip() == t.next_state.strip() for t, p in valid])) if valid else float("nan"),
+        state_f1=float(np.mean([token_f1(p.next_state, t.next_state) for t, p in valid])) if valid else float("nan"),
+        # malformed counts every attempt; a query is retried once, and the retry's failures are `failed`
+        parse_fail=((exp.stats["malformed"] - before.get("malformed", 0)) -
+                    (exp.stats["failed"] - before.get("failed", 0))) / max(1, len(transitions)),
+        failed=(exp.stats["failed"] - before.get("failed", 0)) / max(1, len(transitions)),
+    )
+
+
+def heldout_transitions(env: str, fold: str, n_traj: int, seed: int = 123) -> list[Transition]:
+    """Real transitions on a held-out fold, same policy mix as the offline data (cached in data/)."""
+    path = os.path.join("data", "offline", f"heldout-{env.replace(':', '_').replace(',', '_').replace('=', '')}"
+                                            f"-{fold}-{n_traj}-s{seed}.jsonl")
+    if not os.path.exists(path):
+        third = n_traj // 3
+        write_jsonl(path, collect(env, third, third, n_traj - 2 * third, fold, seed, progress=False))
+    return [t for tr in trajectories(read_jsonl(path)) for t in tr]

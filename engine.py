@@ -44,6 +44,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import sample
+
 
 @dataclass
 class SamplingParams:
@@ -330,7 +332,6 @@ class Engine:
         self._decode(rows, logits, state, valid, P + T, P + lens, generator)
 
     def _decode(self, rows, logits, state, valid, cur, next_pos, generator):
-        from kernels import sample
         eos, live = self._eos_ids(), list(rows)
         knobs = _knobs(live, logits.device)
         while True:

@@ -12,105 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-from collections import Counter
 
 import numpy as np
-import torch
 
-import dreamgym as dg
 import envs
-from envs import Task
+import train
+from dreamgym import eval_tasks, evaluate_agent, fidelity, heldout_transitions, token_f1  # noqa: F401
 from envs.collect import read_jsonl, write_jsonl
-
-
-def eval_tasks(env: str, fold: str, n: int) -> list[Task]:
-    seeds = list(envs.task_seeds(env, fold))
-    if n > len(seeds):
-        raise ValueError(f"the {fold} fold has only {len(seeds)} tasks")
-    return [Task(env, fold, s) for s in seeds[:n]]
-
-
-def evaluate_agent(agent: dg.LocalLM, env: str, fold: str = "test", episodes: int = 100, history: int = 3,
-                   batch: int = 64, temperature: float = 0.0, samples: int = 1, seed: int = 0) -> dict:
-    """Real-env success rate, mean reward, steps and format-error rate over a fold's first seeds.
-    Greedy by default. With temperature > 0 every task is played `samples` times (seeded): the
-    success of the policy RL actually trains, which a greedy argmax can hide (see README)."""
-    from engine import SamplingParams
-    if temperature == 0 and samples != 1:
-        raise ValueError("greedy evaluation is deterministic: use samples=1")
-    params = SamplingParams(temperature=temperature, max_new_tokens=64, stop=(dg.AGENT_STOP,))
-    gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
-    eps = []
-    tasks = [t for t in eval_tasks(env, fold, episodes) for _ in range(samples)]
-    for i in range(0, len(tasks), batch):
-        chunk = tasks[i:i + batch]
-        eps += dg.run_episodes(agent, dg.make_real_env(env, len(chunk)), chunk, params, history, generator=gen)
-    turns = sum(len(e.turns) for e in eps)
-    return dict(success=float(np.mean([e.success for e in eps])), reward=float(np.mean([e.reward for e in eps])),
-                steps=float(np.mean([len(e.turns) for e in eps])),
-                format_error=sum(e.format_errors for e in eps) / max(1, turns),
-                invalid=sum(t.invalid for e in eps for t in e.transitions) / max(1, turns), episodes=len(eps))
-
-
-# ----------------------------------------------------------------------------- fidelity of M_exp
-def token_f1(pred: str, gold: str) -> float:
-    p, g = re.findall(r"\w+", pred.lower()), re.findall(r"\w+", gold.lower())
-    if not p or not g:
-        return float(p == g)
-    common = sum((Counter(p) & Counter(g)).values())
-    if common == 0:
-        return 0.0
-    prec, rec = common / len(p), common / len(g)
-    return 2 * prec * rec / (prec + rec)
-
-
-def fidelity(exp: dg.ExperienceModel, transitions: list[dg.Transition], batch: int = 64) -> dict:
-    """Compare M_exp's predictions with held-out real transitions: reward and done accuracy (and the
-    reward accuracy on the rare positive steps, which a constant-0 predictor gets all wrong),
-    invalid-action detection (predicts a failure: done with reward 0), next-state exact match and
-    token F1 (valid actions), the share of first outputs that were malformed (parse_fail) and the share
-    still malformed after the one retry (failed)."""
-    preds = []
-    before = dict(exp.stats)
-    for i in range(0, len(transitions), batch):
-        chunk = transitions[i:i + batch]
-        preds += exp.step([dg.ExpQuery(t.task, t.history, t.state, t.action) for t in chunk])
-    valid = [(t, p) for t, p in zip(transitions, preds) if not t.invalid]
-    invalid = [(t, p) for t, p in zip(transitions, preds) if t.invalid]
-    pos = [(t, p) for t, p in valid if t.reward > 0]
-    return dict(
-        n=len(transitions),
-        reward_acc=float(np.mean([(p.reward > 0.5) == (t.reward > 0.5) for t, p in zip(transitions, preds)])),
-        reward_acc_pos=float(np.mean([p.reward > 0.5 for _, p in pos])) if pos else float("nan"),
-        done_acc=float(np.mean([p.done == t.terminal for t, p in zip(transitions, preds)])),
-        invalid_detect=float(np.mean([p.done and p.reward < 0.5 for _, p in invalid])) if invalid else float("nan"),
-        state_exact=float(np.mean([p.next_state.strip() == t.next_state.strip() for t, p in valid])) if valid else float("nan"),
-        state_f1=float(np.mean([token_f1(p.next_state, t.next_state) for t, p in valid])) if valid else float("nan"),
-        # malformed counts every attempt; a query is retried once, and the retry's failures are `failed`
-        parse_fail=((exp.stats["malformed"] - before.get("malformed", 0)) -
-                    (exp.stats["failed"] - before.get("failed", 0))) / max(1, len(transitions)),
-        failed=(exp.stats["failed"] - before.get("failed", 0)) / max(1, len(transitions)),
-    )
-
-
-def heldout_transitions(env: str, fold: str, n_traj: int, seed: int = 123) -> list[dg.Transition]:
-    """Real transitions on a held-out fold, same policy mix as the offline data (cached in data/)."""
-    from envs.collect import collect
-    path = os.path.join("data", "offline", f"heldout-{env.replace(':', '_').replace(',', '_').replace('=', '')}"
-                                            f"-{fold}-{n_traj}-s{seed}.jsonl")
-    if not os.path.exists(path):
-        third = n_traj // 3
-        write_jsonl(path, collect(env, third, third, n_traj - 2 * third, fold, seed, progress=False))
-    return [t for tr in dg.trajectories(read_jsonl(path)) for t in tr]
-
-
-def format_table(rows: list[dict], cols: list[str]) -> str:
-    w = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
-    line = lambda vals: "| " + " | ".join(str(v).ljust(x) for v, x in zip(vals, w)) + " |"
-    return "\n".join([line(cols), "|" + "|".join("-" * (x + 2) for x in w) + "|"] +
-                     [line([r.get(c, "") for c in cols]) for r in rows])
+from runtime import device_of, exit_on_sigterm, format_table, write_json
 
 
 # ----------------------------------------------------------------------------- the Table 1 suite
@@ -143,8 +53,7 @@ SAMPLES = 4          # sampled evaluation: each test task played 4 times at temp
 def sampled_successes(cfg, run_dir: str, seed: int, which=("warm", "final")) -> dict:
     """Test success of the warm start and/or of the run's final agent at temperature 1 (SAMPLES per
     task, seeded by the run's seed), next to the greedy numbers train.run reports."""
-    import train
-    dev = train.device_of(cfg)
+    dev = device_of(cfg.device)
     best = os.path.join(run_dir, "agent_best")        # keep_best: the reported agent is the curve-fold best
     paths = {"warm": cfg.warm_ckpt or os.path.join(run_dir, "agent_warm"),
              "final": best if cfg.keep_best and os.path.exists(best) else os.path.join(run_dir, "ckpt", "agent"),
@@ -183,7 +92,6 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
     """Every method of METHODS for every seed (each run cached in its folder, so an interrupted
     suite resumes), then the table: success on the held-out test fold, mean ± std over seeds
     (greedy; with `sampled`, also at temperature 1, SAMPLES plays per task, cached in results.json)."""
-    import train
     chosen = [m for m in METHODS if methods is None or m[0] in methods]
     results = {name: [] for name, _, _ in chosen}
     fid = {}
@@ -207,7 +115,7 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
             need = [w for w in which if sampled and f"{w}_sampled" not in res]
             if need:
                 res.update(sampled_successes(cfg, run_dir, seed, need))
-                train.write_json(res_file, res)
+                write_json(res_file, res)
             results[name].append(res)
             if with_fidelity and own_exp and not cfg.exp_ckpt:      # a given, shared M_exp: once, by hand
                 key = {"DreamGym-GRPO": "full"}.get(name, name.split(": ")[-1])
@@ -250,8 +158,7 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
 
 # ----------------------------------------------------------------------------- command line
 def main(argv=None):
-    import train
-    train.exit_on_sigterm()
+    exit_on_sigterm()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("agent", help="real-env success of an agent checkpoint")
@@ -281,7 +188,7 @@ def main(argv=None):
             over[k] = train.parse_args([f"--{k}", v]).__dict__[k]
         print(table_suite(args.out, args.seeds, over, args.methods, args.sampled, not args.no_fidelity))
         return
-    dev = train.device_of(train.Config())
+    dev = device_of(train.Config.device)
     if args.cmd == "agent":
         envs.max_steps(args.env)
         agent = train.load_lm(train.Config(), args.ckpt, dev, trainable=False)

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
 import random
-import shutil
-import sys
+import re
 import time
 from dataclasses import dataclass
 
@@ -29,37 +29,40 @@ from tqdm import tqdm
 
 import dreamgym as dg
 import envs
+from engine import SamplingParams
 from envs import Task
 from envs.collect import collect, print_summary, read_jsonl, write_jsonl
 from models import ModelSpec, create_tiny, load_model, save_model, train_tokenizer
+from runtime import (DIST, Log, device_of, exit_on_sigterm, fingerprint, format_table, load_agent_weights,
+                     load_checkpoint, plot_curves, save_agent, save_checkpoint, seed_all, write_json)
 
 
 @dataclass
 class Config:
     # --- run
-    out: str = "runs/default"
-    seed: int = 0
+    out: str = "runs/default"         # run folder: data caches, models, checkpoints, metrics, plots
+    seed: int = 0                     # seeds offline data, model init, task draws and sampling
     device: str = "auto"              # auto | cpu | cuda
     mode: str = "dream"               # dream (DreamGym) | real (baseline RL) | s2r (dream, then real)
     algo: str = "grpo"                # grpo | ppo
-    resume: bool = False
+    resume: bool = False              # continue the run in --out from its last checkpoint
     # --- environment and offline data (the paper's "offline real-world data")
     env: str = "coin"                 # TextWorldExpress spec: coin | twc | cookingworld, e.g. "twc:numItemsToPutAway=2"
-    offline_expert: int = 300         # trajectories per policy, train fold
-    offline_noisy: int = 300
-    offline_random: int = 200
-    offline_epsilon: float = 0.3
-    data_dir: str = "data"
+    offline_expert: int = 300         # expert trajectories (train fold) in the offline data
+    offline_noisy: int = 300          # trajectories of the expert with epsilon-random steps
+    offline_random: int = 200         # trajectories of uniform random play (incl. some invalid actions)
+    offline_epsilon: float = 0.3      # the noisy expert's share of random steps
+    data_dir: str = "data"            # where offline data and its embeddings are cached (shared by runs)
     # --- models (tiny presets on CPU; any HF name/path on GPU, 4-bit + LoRA there)
-    agent_model: str = "tiny"
-    exp_model: str = "tiny"
-    load_in_4bit: bool = False
-    lora_r: int = 0
+    agent_model: str = "tiny"         # tiny | tiny-s | tiny-m (trained from scratch) | an HF name or folder
+    exp_model: str = "tiny"           # the experience model (and task generator): same choices
+    load_in_4bit: bool = False        # QLoRA: 4-bit NF4 base weights (bitsandbytes; with --lora_r)
+    lora_r: int = 0                   # LoRA rank for pretrained models (0: train all weights)
     exp_endpoint: str = ""            # OpenAI-compatible URL: serve M_exp elsewhere (vLLM/SGLang)
-    exp_endpoint_model: str = ""
+    exp_endpoint_model: str = ""      # the model name served at --exp_endpoint
     exp_ckpt: str = ""                # reuse a trained experience model (folder) instead of training one
     warm_ckpt: str = ""               # reuse a warm-started agent (folder) instead of behaviour cloning
-    vocab_size: int = 2048
+    vocab_size: int = 2048            # BPE vocabulary of the tiny models' tokenizer
     bpe_dropout: float = 0.1          # SFT only, tiny BPE models: learn to read unseen words (0 = off)
     agent_init: str = "exp"           # tiny agent starts from: exp (M_exp's weights) | scratch
     # --- reasoning traces R*_t
@@ -71,55 +74,56 @@ class Config:
     history: int = 3                  # (action, feedback) pairs kept in prompts
     reasoning: bool = True            # ablation: --reasoning false
     retrieval: bool = True            # ablation: --retrieval false
-    exp_epochs: float = 2.0
-    exp_lr: float = 2e-3
-    exp_batch_tokens: int = 8192
-    exp_temperature: float = 0.0
+    exp_epochs: float = 2.0           # SFT epochs of the experience model
+    exp_lr: float = 2e-3              # its learning rate (cosine decay, 5% warmup)
+    exp_batch_tokens: int = 8192      # padded tokens per SFT batch of the experience model
+    exp_temperature: float = 0.0      # experience-model sampling temperature (0: greedy)
     exp_max_tokens: int = 320         # generation budget of one experience-model step
-    buffer_capacity: int = 50_000
+    buffer_capacity: int = 50_000     # replay buffer size; the oldest synthetic transitions are evicted first
     # --- agent warm start (behaviour cloning on a share of offline successes)
     warm_share: float = 1.0           # share of the offline successes (their real transitions are counted)
-    warm_epochs: float = 3.0
-    warm_lr: float = 2e-3
-    warm_batch_tokens: int = 2048
-    agent_thoughts: str = "trace"     # the agent's <think> targets: trace (R*_t) | none (empty: action tokens only)
+    warm_epochs: float = 12.0         # most behaviour-cloning epochs of the warm start (early stopping ends it sooner)
+    warm_holdout: float = 0.1         # share of the warm-start trajectories held out for early stopping (0: off)
+    warm_patience: int = 2            # epochs without a better held-out loss before the warm start stops
+    warm_lr: float = 2e-3             # its learning rate
+    warm_batch_tokens: int = 2048     # padded tokens per warm-start batch
+    agent_thoughts: str = "trace"     # the warm start's <think> targets: trace (R*_t) | plan (from the state) | none
     # --- RL
-    iterations: int = 20
-    tasks_per_iter: int = 8
+    iterations: int = 20              # RL iterations (s2r: dreamed ones, before the real phase)
+    tasks_per_iter: int = 8           # tasks per iteration (each played group_size times)
     group_size: int = 8               # G rollouts per task (a GRPO group)
-    lr: float = 5e-4
+    lr: float = 5e-4                  # RL learning rate (AdamW)
     lr_warmup: int = 10               # optimizer steps of linear lr warmup: Adam's first steps are ~lr * sign(g)
     temperature: float = 1.0          # agent sampling temperature in rollouts
-    clip_low: float = 0.2
+    clip_low: float = 0.2             # PPO/GRPO ratio clip below 1
     clip_high: float = 0.28           # DAPO clip-higher
     beta: float = 0.05                # KL to the warm-start policy (k3): without it the tiny agent's RL collapses
     minibatches: int = 4              # optimizer steps per pass over the iteration's episodes
     update_epochs: int = 2            # passes: 8 small clipped steps per iteration (2 big ones barely moved it)
     adv_scale: str = "group"          # GRPO: group | batch | none (TRL's scale_rewards)
     gamma: float = 1.0                # PPO / GAE over turns
-    gae_lambda: float = 0.95
-    vf_coef: float = 0.5
-    max_grad_norm: float = 1.0
+    gae_lambda: float = 0.95          # GAE lambda (PPO)
+    vf_coef: float = 0.5              # weight of the critic's loss (PPO)
+    max_grad_norm: float = 1.0        # gradient-norm clip of each optimizer step
     max_tokens: int = 8192            # tokens per micro-batch in updates and SFT
     # --- curriculum task generation
     taskgen: bool = True              # ablation: --taskgen false
     lam_tasks: float = 0.25           # lambda: max share of generated tasks per iteration
-    taskgen_every: int = 5
-    taskgen_seeds: int = 4
-    taskgen_per_seed: int = 2
+    taskgen_every: int = 5            # iterations between curriculum rounds
+    taskgen_seeds: int = 4            # seed tasks per round: the highest reward variance
+    taskgen_per_seed: int = 2         # variations written per seed task
     add_to_buffer: bool = True        # online synthetic transitions enrich the replay buffer
     # --- sim-to-real
     s2r_real_budget: int = 1000       # real transitions for the real phase of s2r
     real_budget: int = 0              # cap on real transitions in --mode real (0: none)
     # --- evaluation
-    eval_episodes: int = 100
-    eval_fold: str = "test"
+    eval_episodes: int = 100          # tasks of the evaluation fold played (greedy) at the end
+    eval_fold: str = "test"           # the fold results are reported on
     curve_fold: str = "dev"           # learning curves use dev: never tune on test
-    eval_every: int = 5
-    curve_episodes: int = 50
-    keep_best: bool = True            # final agent: the curve_fold-best of the warm start and every evaluated
-                                      # iteration (model selection on dev; eval_every 0: the last agent)
-    ckpt_every: int = 1
+    eval_every: int = 5               # iterations between learning-curve points (0: none)
+    curve_episodes: int = 50          # tasks of curve_fold per curve point
+    keep_best: bool = True            # final agent: the curve_fold-best of the warm start and every evaluated iteration
+    ckpt_every: int = 1               # iterations between checkpoints
 
     def validate(self):
         checks = [
@@ -143,7 +147,8 @@ class Config:
             (self.annotator == "rule" or (self.annotator == "teacher" and self.teacher_model),
              "annotator must be rule, or teacher with --teacher_model"),
             (0 <= self.bpe_dropout < 1, "bpe_dropout must be in [0, 1)"),
-            (self.agent_thoughts in ("trace", "none"), "agent_thoughts must be trace or none"),
+            (self.agent_thoughts in ("trace", "plan", "none"), "agent_thoughts must be trace, plan or none"),
+            (0 <= self.warm_holdout < 1 and self.warm_patience >= 1, "warm_holdout in [0, 1), warm_patience >= 1"),
             (not (self.exp_endpoint and not self.exp_ckpt and not self.exp_endpoint_model),
              "--exp_endpoint needs --exp_endpoint_model"),
         ]
@@ -154,109 +159,51 @@ class Config:
         return self
 
 
+def field_help() -> dict[str, str]:
+    """Each Config field's trailing comment, which is its `--help` line: one source of truth."""
+    src = inspect.getsource(Config)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^    (\w+): [^=\n]+=[^#\n]*#(.*)$", src, re.M)}
+
+
+def load_config_file(path: str) -> dict:
+    """A named config (configs/*.json): a JSON object of Config fields."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        values = json.load(open(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--config {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    names = {f.name for f in dataclasses.fields(Config)}
+    if not isinstance(values, dict) or set(values) - names:
+        raise ValueError(f"--config {path}: unknown fields {sorted(set(values) - names) if isinstance(values, dict) else values}")
+    return values
+
+
 def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Config defaults, then a --config file's values, then the flags given: the later wins."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                usage="%(prog)s [--config FILE] [--FIELD VALUE ...]")
+    p.add_argument("--config", default="", help="a JSON file of Config fields, e.g. configs/quick.json; flags override it")
+    helps = field_help()
     for f in dataclasses.fields(Config):
+        text = f"{helps.get(f.name, '')} (default: {f.default})".replace("%", "%%")
         if f.type in ("bool", bool):
             p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?",
-                           const=True, default=f.default)
+                           const=True, default=f.default, help=text)
         else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
-    return Config(**vars(p.parse_args(argv))).validate()
-
-
-# ============================================================================ helpers
-def device_of(cfg: Config) -> torch.device:
-    from models import default_device
-    dev = default_device() if cfg.device == "auto" else torch.device(cfg.device)
-    return torch.device("cuda", DIST.local_rank) if dev.type == "cuda" else dev
-
-
-def seed_all(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-class Dist:
-    """Data parallelism under torchrun (one process per GPU; gloo on CPU). Every rank holds the agent
-    and an M_exp replica and rolls out its share of the task groups (a GRPO group never straddles
-    ranks); gradients are summed across ranks before each optimizer step, new transitions and task
-    rewards are gathered so every rank's buffer and curriculum stay identical, and rank 0 alone
-    writes checkpoints, metrics and plots. With WORLD_SIZE unset it is a no-op."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if self.world > 1 and not torch.distributed.is_initialized():
-            if torch.cuda.is_available():
-                torch.cuda.set_device(self.local_rank)
-            torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self):
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def gather(self, obj) -> list:
-        """Every rank's obj, in rank order, on every rank."""
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def broadcast(self, obj):
-        if self.world == 1:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def sum(self, x: float) -> float:
-        return float(sum(self.gather(x))) if self.world > 1 else float(x)
-
-    def sum_grads(self, params):
-        if self.world == 1:
-            return
-        for p in params:
-            if p.grad is None:            # a rank with no tokens this step still joins the sum
-                p.grad = torch.zeros_like(p)
-            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
-
-
-DIST = Dist.__new__(Dist)                 # replaced in run(); a single process until then
-DIST.world, DIST.rank, DIST.local_rank = 1, 0, 0
-
-
-class Log:
-    """Metrics as JSONL (one object per event) + a printed line; plots are drawn from the file.
-    Only rank 0 writes."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __call__(self, **row):
-        if not DIST.main:
-            return
-        row = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        tqdm.write(" ".join(f"{k}={v}" for k, v in row.items()))
-
-    def rows(self) -> list[dict]:
-        return read_jsonl(self.path) if os.path.exists(self.path) else []
-
-    def truncate_after(self, iteration: int):
-        """On resume: forget rows logged by iterations that the checkpoint does not contain."""
-        if not DIST.main:
-            return
-        keep = [r for r in self.rows() if r.get("iteration", -1) < iteration or r.get("stage") not in ("rl", "curve")]
-        write_jsonl(self.path, keep)
+            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=text)
+    given, _ = p.parse_known_args(argv)
+    if given.config:
+        try:
+            p.set_defaults(**load_config_file(given.config))
+        except ValueError as e:
+            p.error(str(e))
+    args = vars(p.parse_args(argv))
+    args.pop("config")
+    try:
+        return Config(**args).validate()
+    except ValueError as e:
+        p.error(str(e))
 
 
 # ============================================================================ stage 1: offline data
@@ -301,10 +248,26 @@ def encode_examples(lm: dg.LocalLM, examples, bpe_dropout: float = 0.0):
             model.dropout = None
 
 
+def heldout_loss(lm: dg.LocalLM, data, max_tokens: int) -> float:
+    """Mean target-token negative log-likelihood of encoded (prompt, target) pairs, no gradients."""
+    dev = next(lm.model.parameters()).device
+    total, n = 0.0, 0
+    lm.model.eval()
+    with torch.no_grad():
+        for b in dg.token_batches(data, [len(p) + len(t) for p, t in data], max_tokens):
+            logp, _, _ = dg.response_logprobs(lm.model, dg.pack([data[i] for i in b], lm.tokenizer.pad_token_id, dev))
+            total, n = total - logp.sum().item(), n + logp.numel()
+    lm.model.train()
+    return total / max(1, n)
+
+
 def sft(lm: dg.LocalLM, examples, epochs: float, lr: float, max_tokens: int, seed: int, desc: str,
-        log: Log | None = None, bpe_dropout: float = 0.0) -> float:
+        log: Log | None = None, bpe_dropout: float = 0.0, heldout=None, patience: int = 2) -> float:
     """Supervised fine-tuning on (system, prompt, target): loss on target tokens only (Eq. 5: the
-    prompt -- task, history, demos, state, action -- is never trained on). Returns the last loss."""
+    prompt -- task, history, demos, state, action -- is never trained on). Returns the last loss.
+    With `heldout` examples, their loss is measured after every epoch and training stops once it has
+    not improved for `patience` epochs; the weights of the best epoch are kept (early stopping: the
+    warm start trains to convergence without overfitting, whatever the data size)."""
     model, dev = lm.model, next(lm.model.parameters()).device
     rng = random.Random(seed)
     data = DIST.broadcast(encode_examples(lm, examples, bpe_dropout))    # one segmentation for all ranks
@@ -316,6 +279,8 @@ def sft(lm: dg.LocalLM, examples, epochs: float, lr: float, max_tokens: int, see
                                               0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     model.train()
     order, ema = [], None
+    val = encode_examples(lm, heldout) if heldout else None
+    best, best_loss, bad, epoch_steps = None, float("inf"), 0, max(1, len(batches) // DIST.world)
     for step in (bar := tqdm(range(steps), desc=desc, dynamic_ncols=True, disable=not DIST.main)):
         if len(order) < DIST.world:       # a new epoch: fresh BPE-dropout segmentations, new order
             if step > 0 and bpe_dropout > 0:
@@ -338,6 +303,22 @@ def sft(lm: dg.LocalLM, examples, epochs: float, lr: float, max_tokens: int, see
         bar.set_postfix(loss=f"{ema:.3f}")
         if log is not None and (step % 50 == 0 or step == steps - 1):
             log(stage=desc, step=step, loss=ema)
+        if val and ((step + 1) % epoch_steps == 0 or step == steps - 1):
+            v = heldout_loss(lm, val, max_tokens)
+            if log is not None:
+                log(stage=desc, step=step, epoch=round((step + 1) / epoch_steps, 2), heldout_loss=v)
+            if v < best_loss - 1e-4:
+                best_loss, bad = v, 0
+                best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            else:
+                bad += 1
+                if bad >= patience:
+                    break
+    if best is not None:                  # the best epoch's weights (identical on every rank)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in best:
+                    p.copy_(best[n])
     model.eval()
     return ema
 
@@ -446,6 +427,13 @@ def experience_model(cfg: Config, trajs, tasks, buffer, encoder, dev, log) -> dg
 
 
 # ============================================================================ stage 5: agent warm start
+def agent_thought(kind: str, t: dg.Transition) -> str:
+    """The warm start's <think> target: trace = the hindsight trace R*_t (describes the outcome);
+    plan = a thought written from the state before the action (what the agent sees, what it does and
+    why: dg.plan_thought); none = empty (action tokens only)."""
+    return {"trace": lambda: t.reasoning, "plan": lambda: dg.plan_thought(t), "none": lambda: ""}[kind]()
+
+
 def warm_start(cfg: Config, trajs, tasks, dev, log) -> tuple[dg.LocalLM, int]:
     """Behaviour cloning of the tiny agent on a share of the offline successes (it has no prior);
     returns the agent and how many real transitions that share holds (reported like the paper's SFT)."""
@@ -461,11 +449,13 @@ def warm_start(cfg: Config, trajs, tasks, dev, log) -> tuple[dg.LocalLM, int]:
         lm = load_lm(cfg, exp_path, dev, trainable=True)     # a tiny model's only "pretraining"
     else:
         lm = init_model(cfg, "agent", trajs, tasks, dev)
-    examples = [(dg.AGENT_SYSTEM, dg.agent_prompt(t.task.instruction, t.history, t.state, cfg.history),
-                 dg.agent_target(t.reasoning if cfg.agent_thoughts == "trace" else "", t.action))
-                for tr in share for t in tr]
-    sft(lm, examples, cfg.warm_epochs, cfg.warm_lr, cfg.warm_batch_tokens, cfg.seed, "warm start agent", log,
-        cfg.bpe_dropout)
+    n_val = int(round(cfg.warm_holdout * len(share))) if len(share) >= 10 else 0
+    held, train_share = share[:n_val], share[n_val:]       # share is already a seeded random sample
+    examples = lambda trs: [(dg.AGENT_SYSTEM, dg.agent_prompt(t.task.instruction, t.history, t.state, cfg.history),
+                             dg.agent_target(agent_thought(cfg.agent_thoughts, t), t.action))
+                            for tr in trs for t in tr]
+    sft(lm, examples(train_share), cfg.warm_epochs, cfg.warm_lr, cfg.warm_batch_tokens, cfg.seed, "warm start agent",
+        log, cfg.bpe_dropout, heldout=examples(held) or None, patience=cfg.warm_patience)
     save_on_main(lm, path)
     lm.model.train()
     return lm, n_real
@@ -630,7 +620,6 @@ def next_phase(cfg: Config, st: RLState) -> str | None:
 def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=None):
     """The DreamGym loop. mode dream: every rollout is dreamed by M_exp; real: the same loop against
     the real env; s2r: dream for `iterations`, then real RL until `s2r_real_budget` transitions."""
-    from engine import SamplingParams
     ckdir = os.path.join(cfg.out, "ckpt")
     head = ValueHead(agent.model.config.hidden_size).to(dev) if cfg.algo == "ppo" else None
     params = [p for p in agent.model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
@@ -641,7 +630,7 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
         if not cfg.resume:
             raise ValueError(f"{cfg.out} already holds a checkpoint: pass --resume to continue it, "
                              f"or choose a new --out")
-        st, rng, gen = load_checkpoint(ckdir, agent, opt, head, buffer, rng, gen)
+        st = RLState(**load_checkpoint(ckdir, agent, opt, head, buffer, rng, gen))
         log.truncate_after(st.iteration)
         print(f"resumed from {ckdir} at iteration {st.iteration}")
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=64, stop=(dg.AGENT_STOP,))
@@ -697,7 +686,7 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
         log(**row)
         bar.update(1)
         if st.iteration % cfg.ckpt_every == 0 or next_phase(cfg, st) is None:
-            save_checkpoint(ckdir, agent, opt, head, buffer, st, rng, gen)
+            save_checkpoint(ckdir, agent, opt, head, buffer, dataclasses.asdict(st), rng, gen)
     bar.close()
     return st
 
@@ -709,109 +698,8 @@ def keep_if_best(cfg: Config, st: RLState, agent, success: float | None):
     checkpoint that records it, so a resumed run never points at a missing file. Rank 0 only."""
     if DIST.main and success > st.best_success:
         st.best_success, st.best_iteration = success, st.iteration
-        save_model(agent.model, agent.tokenizer, os.path.join(cfg.out, "agent_best"))
+        save_agent(agent, os.path.join(cfg.out, "agent_best"))
 
-
-def load_agent_weights(agent, adir: str):
-    """Weights (or LoRA adapters) saved by save_pretrained, into the live agent."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-    if os.path.exists(os.path.join(adir, "adapter_config.json")):
-        set_peft_model_state_dict(agent.model, load_file(os.path.join(adir, "adapter_model.safetensors")))
-        return
-    weights = load_file(os.path.join(adir, "model.safetensors"))
-    missing, unexpected = agent.model.load_state_dict(weights, strict=False)
-    if unexpected or [m for m in missing if "lm_head" not in m]:
-        raise ValueError(f"checkpoint {adir} does not match the agent: {missing[:3]} {unexpected[:3]}")
-    agent.model.tie_weights()
-
-
-# ============================================================================ checkpoints (no pickles)
-def _opt_tensors(opt) -> tuple[dict, dict]:
-    sd = opt.state_dict()
-    tensors, meta = {}, {"param_groups": sd["param_groups"], "scalars": {}}
-    for pid, s in sd["state"].items():
-        for k, v in s.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                meta["scalars"][f"{pid}.{k}"] = v
-    return tensors, meta
-
-
-def save_checkpoint(path, agent, opt, head, buffer, st: RLState, rng, gen):
-    """Agent weights/adapters, optimizer, value head, replay buffer, curriculum state and every RNG,
-    written into a temporary folder and renamed into place: a kill at any moment leaves either the
-    previous checkpoint or the new one, never a mix."""
-    from safetensors.torch import save_file
-    gens = DIST.gather(gen.get_state())          # each rank samples with its own generator
-    if not DIST.main:
-        DIST.barrier()
-        return
-    tmp = path + f".tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    agent.model.save_pretrained(os.path.join(tmp, "agent"), safe_serialization=True)
-    agent.tokenizer.save_pretrained(os.path.join(tmp, "agent"))
-    tensors, meta = _opt_tensors(opt)
-    save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
-    rngs = {"torch": torch.get_rng_state(), **{f"gen{r}": g for r, g in enumerate(gens)}}
-    if head is not None:
-        save_file({k: v.contiguous() for k, v in head.state_dict().items()}, os.path.join(tmp, "value_head.safetensors"))
-    save_file(rngs, os.path.join(tmp, "rng.safetensors"))
-    if buffer is not None:
-        buffer.save(os.path.join(tmp, "buffer"))
-    np_state = np.random.get_state()
-    state = {"rl": dataclasses.asdict(st), "optimizer": meta, "python_rng": _jsonable(random.getstate()),
-             "task_rng": _jsonable(rng.getstate()),
-             "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump(state, f)
-    old = path + f".old{os.getpid()}"
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-    if buffer is not None and buffer.path:
-        buffer.save(buffer.path)
-    DIST.barrier()
-
-
-def _jsonable(x):
-    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
-
-
-def _tuple(x):
-    return tuple(_tuple(v) for v in x) if isinstance(x, list) else x
-
-
-def load_checkpoint(path, agent, opt, head, buffer, rng, gen):
-    from safetensors.torch import load_file
-    load_agent_weights(agent, os.path.join(path, "agent"))
-    state = json.load(open(os.path.join(path, "state.json")))
-    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
-    sd = {"param_groups": state["optimizer"]["param_groups"], "state": {}}
-    for key, v in list(tensors.items()) + list(state["optimizer"]["scalars"].items()):
-        pid, name = key.split(".", 1)
-        sd["state"].setdefault(int(pid), {})[name] = v
-    opt.load_state_dict(sd)
-    if head is not None:
-        head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors")))
-    rngs = load_file(os.path.join(path, "rng.safetensors"))
-    torch.set_rng_state(rngs["torch"])
-    if f"gen{DIST.rank}" not in rngs:
-        raise ValueError(f"{path} was written by fewer ranks than this run has: resume with the same world size")
-    gen.set_state(rngs[f"gen{DIST.rank}"])
-    random.setstate(_tuple(state["python_rng"]))
-    rng.setstate(_tuple(state["task_rng"]))
-    n = state["numpy_rng"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
-    if buffer is not None:
-        snap = dg.ReplayBuffer.load(os.path.join(path, "buffer"), buffer.encoder, buffer.capacity, attach=False)
-        buffer.items, buffer.emb = snap.items, snap.emb
-        if buffer.path and DIST.main:
-            buffer.save(buffer.path)
-    return RLState(**state["rl"]), rng, gen
 
 
 # ============================================================================ evaluation, plots, main
@@ -819,8 +707,7 @@ def fidelity_table(cfg: Config, fold: str, n_traj: int = 150) -> dict:
     """M_exp fidelity on held-out real transitions (reward/done/state accuracy, parse failures),
     retrieving from the offline real data only: a finished run's buffer also holds its dreamed
     transitions, which would make the number depend on how long the run dreamed."""
-    from eval import fidelity, heldout_transitions
-    dev = device_of(cfg)
+    dev = device_of(cfg.device)
     encoder = dg.Encoder()
     trajs = annotated_trajectories(cfg)
     buffer = build_buffer(cfg, trajs, encoder) if cfg.retrieval else None
@@ -830,7 +717,7 @@ def fidelity_table(cfg: Config, fold: str, n_traj: int = 150) -> dict:
         real.add([buffer.items[i] for i in keep], buffer.emb[keep])
         buffer = real
     exp = experience_model(cfg, trajs, seed_tasks(trajs), buffer, encoder, dev, None)
-    return fidelity(exp, heldout_transitions(cfg.env, fold, n_traj))
+    return dg.fidelity(exp, dg.heldout_transitions(cfg.env, fold, n_traj))
 
 
 def annotated_trajectories(cfg: Config):
@@ -843,7 +730,7 @@ def annotated_trajectories(cfg: Config):
     elif cfg.teacher_endpoint:
         annotator = dg.TeacherAnnotator(dg.EndpointLM(cfg.teacher_endpoint, cfg.teacher_model))
     else:
-        annotator = dg.TeacherAnnotator(load_lm(cfg, cfg.teacher_model, device_of(cfg), trainable=False))
+        annotator = dg.TeacherAnnotator(load_lm(cfg, cfg.teacher_model, device_of(cfg.device), trainable=False))
     skipped = dg.annotate_offline(trajs, annotator, cache)
     if skipped:
         print(f"teacher annotation: {skipped} trajectories stayed malformed and are left without reasoning")
@@ -856,63 +743,14 @@ def offline_path(cfg: Config) -> str:
     return os.path.join(cfg.data_dir, "offline", name + ".jsonl")
 
 
-def plot_curves(log: Log, path: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [r for r in log.rows() if r.get("stage") == "rl"]
-    if not rows:
-        return
-    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
-    it = [r["iteration"] for r in rows]
-    for phase, style in (("dream", "-"), ("real", "--")):
-        pts = [(r["iteration"], r["reward"]) for r in rows if r["phase"] == phase]
-        if pts:
-            ax[0].plot(*zip(*pts), style, label=f"{phase} rollouts: mean reward")
-    ax[0].set(title="training reward", xlabel="iteration")
-    ax[0].legend()
-    # x = RL iterations done when evaluated (0: the warm start)
-    ev = [(0, r["curve_success"]) for r in log.rows() if r.get("stage") == "curve"]
-    ev += [(r["iteration"] + 1, r["curve_success"]) for r in rows if "curve_success" in r]
-    if ev:
-        ax[1].plot(*zip(*ev), "o-")
-    ax[1].set(title="real success, held-out curve fold (greedy)", xlabel="iterations done", ylim=(0, 1))
-    ax[2].plot(it, [r["format_error"] for r in rows], label="agent format errors / turn")
-    ax[2].plot(it, [r["clipfrac"] for r in rows], label="clip fraction")
-    ax[2].set(title="health", xlabel="iteration")
-    ax[2].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_json(path: str, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def fingerprint(agent: dg.LocalLM, buffer) -> dict:
-    """What every rank must agree on after training: a digest of the weights and of the buffer."""
-    import hashlib
-    h = hashlib.sha256()
-    for n, p in sorted(agent.model.state_dict().items()):
-        h.update(n.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    b = hashlib.sha256("".join(json.dumps(t.to_dict()) for t in buffer.items).encode()) if buffer else None
-    return {"weights": h.hexdigest(), "buffer": b.hexdigest() if b else None, "buffer_len": len(buffer or [])}
-
-
 def run(cfg: Config) -> dict:
     """The whole pipeline for one config; returns the results (also written to results.json)."""
-    global DIST
-    from eval import evaluate_agent
-    DIST = Dist()
+    DIST.setup()
     os.makedirs(cfg.out, exist_ok=True)
     if DIST.main:
         write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
     seed_all(cfg.seed)
-    dev = device_of(cfg)
+    dev = device_of(cfg.device)
     log = Log(os.path.join(cfg.out, "metrics.jsonl"))
     res_path = os.path.join(cfg.out, "results.json")
     results = json.load(open(res_path)) if os.path.exists(res_path) else {}
@@ -933,37 +771,31 @@ def run(cfg: Config) -> dict:
     results["offline_transitions"] = sum(len(t) for t in trajs)
     results["warm_transitions"] = n_warm
     if "warm" not in results and DIST.main:
-        results["warm"] = evaluate_agent(agent, cfg.env, cfg.eval_fold, cfg.eval_episodes, cfg.history)
+        results["warm"] = dg.evaluate_agent(agent, cfg.env, cfg.eval_fold, cfg.eval_episodes, cfg.history)
         log(stage="eval", which="warm start", fold=cfg.eval_fold, **results["warm"])
     ref = None
     if cfg.beta > 0:
         ref = load_lm(cfg, cfg.warm_ckpt or os.path.join(cfg.out, "agent_warm"), dev, trainable=False)
-    curve = lambda a: evaluate_agent(a, cfg.env, cfg.curve_fold, cfg.curve_episodes, cfg.history)["success"]
+    curve = lambda a: dg.evaluate_agent(a, cfg.env, cfg.curve_fold, cfg.curve_episodes, cfg.history)["success"]
     st = rl(cfg, agent, exp, buffer, tasks, dev, log, ref, curve)
     results["rl_real_transitions"] = st.real_transitions
     results["rl_dream_transitions"] = st.dream_transitions
     if DIST.world > 1:
         write_json(os.path.join(cfg.out, f"rank{DIST.rank}.json"), fingerprint(agent, buffer))
     if DIST.main:
-        results["final"] = evaluate_agent(agent, cfg.env, cfg.eval_fold, cfg.eval_episodes, cfg.history)
+        results["final"] = dg.evaluate_agent(agent, cfg.env, cfg.eval_fold, cfg.eval_episodes, cfg.history)
         if cfg.keep_best and st.best_iteration >= 0:
             results["selected_iteration"], results["selected_curve_success"] = st.best_iteration, st.best_success
             if st.best_iteration != st.iteration:     # the last agent is reported too, as "last"
                 results["last"] = results["final"]
                 load_agent_weights(agent, os.path.join(cfg.out, "agent_best"))
-                results["final"] = evaluate_agent(agent, cfg.env, cfg.eval_fold, cfg.eval_episodes, cfg.history)
+                results["final"] = dg.evaluate_agent(agent, cfg.env, cfg.eval_fold, cfg.eval_episodes, cfg.history)
         log(stage="eval", which="final", fold=cfg.eval_fold, **results["final"])
         write_json(res_path, results)
         plot_curves(log, os.path.join(cfg.out, "curves.png"))
     DIST.barrier()
     return results
 
-
-def exit_on_sigterm():
-    """`kill <pid>` (SIGTERM) becomes a normal exit, so atexit handlers run (MiniWoB's browsers would
-    otherwise outlive us). Nothing is lost: checkpoints and the buffer are written atomically."""
-    import signal
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def main(argv=None):
@@ -973,7 +805,6 @@ def main(argv=None):
     res = run(cfg)
     if not DIST.main:
         return
-    from eval import format_table
     name = {"dream": "DreamGym", "real": "real-env", "s2r": "DreamGym-S2R"}[cfg.mode] + "-" + cfg.algo.upper()
     rows = [dict(method="SFT warm start", real_transitions=res["warm_transitions"],
                  success=f"{res['warm']['success']:.3f}"),

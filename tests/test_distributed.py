@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 import dreamgym as dg
+import runtime
 import train
 from conftest import tiny_cfg
 
@@ -49,7 +50,7 @@ def _one_update(model_dir, episodes, out_file):
 def _rank_main(rank, world, port, model_dir, out_dir):
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    train.DIST = train.Dist()
+    runtime.DIST.setup()
     eps = [e for e in _episodes(600) if e.group % world == rank]       # groups never straddle ranks
     _one_update(model_dir, eps, os.path.join(out_dir, f"rank{rank}.safetensors"))
     torch.distributed.destroy_process_group()

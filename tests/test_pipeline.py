@@ -192,11 +192,10 @@ def test_table_s2r_continues_the_dream_run_exactly(tiny_run, tmp_path):
 
 
 def test_fidelity_retrieves_from_the_offline_real_data_only(tiny_run, monkeypatch):
-    import eval as ev
     _, cfg, res = tiny_run
     seen = {}
-    monkeypatch.setattr(ev, "heldout_transitions", lambda *a, **k: [])
-    monkeypatch.setattr(ev, "fidelity", lambda exp, trs: seen.setdefault("items", list(exp.buffer.items)))
+    monkeypatch.setattr(dg, "heldout_transitions", lambda *a, **k: [])
+    monkeypatch.setattr(dg, "fidelity", lambda exp, trs: seen.setdefault("items", list(exp.buffer.items)))
     real_build = train.build_buffer
 
     def with_a_dreamed_one(*a):                   # a run's buffer: offline real + dreamed transitions
