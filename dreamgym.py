@@ -1106,10 +1106,13 @@ def evaluate_agent(agent: LocalLM, env: str, fold: str = "test", episodes: int =
         chunk = tasks[i:i + batch]
         eps += run_episodes(agent, make_real_env(env, len(chunk)), chunk, params, history, generator=gen)
     turns = sum(len(e.turns) for e in eps)
+    # per-task success (mean over its samples), in task order: results of two agents pair task by task
+    per_task = np.array([e.success for e in eps], dtype=float).reshape(-1, samples).mean(1)
     return dict(success=float(np.mean([e.success for e in eps])), reward=float(np.mean([e.reward for e in eps])),
                 steps=float(np.mean([len(e.turns) for e in eps])),
                 format_error=sum(e.format_errors for e in eps) / max(1, turns),
-                invalid=sum(t.invalid for e in eps for t in e.transitions) / max(1, turns), episodes=len(eps))
+                invalid=sum(t.invalid for e in eps for t in e.transitions) / max(1, turns), episodes=len(eps),
+                per_task=[round(float(x), 4) for x in per_task])
 
 
 def token_f1(pred: str, gold: str) -> float:

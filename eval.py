@@ -70,6 +70,32 @@ def mean_std(xs: list[float]) -> str:
     return f"{100 * np.mean(xs):.1f} ± {100 * np.std(xs):.1f}" if xs else "-"
 
 
+def paired_bootstrap(base: list[list[float]], other: list[list[float]], n_boot: int = 10_000, seed: int = 0):
+    """Mean difference other - base and its 95% percentile bootstrap interval, paired twice: by RL seed
+    (base[s] and other[s] come from the same seed) and by task (base[s][j] and other[s][j] are the same
+    test task). Each resample draws seeds with replacement, then tasks with replacement, so the interval
+    covers both the run-to-run and the task-sampling noise. Returns (mean, low, high)."""
+    a, b = np.asarray(base, float), np.asarray(other, float)
+    if a.shape != b.shape or a.ndim != 2 or a.size == 0:
+        raise ValueError(f"paired_bootstrap needs equal [seeds, tasks] arrays, got {a.shape} and {b.shape}")
+    d = b - a
+    rng = np.random.default_rng(seed)
+    S, T = d.shape
+    si = rng.integers(0, S, (n_boot, S))
+    ti = rng.integers(0, T, (n_boot, S, T))
+    boots = d[si[:, :, None], ti].mean(axis=(1, 2))
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def diff_text(base: list[dict], other: list[dict]) -> str:
+    """'+4.2 [+0.8, +7.9]' (percentage points) from two lists of per-seed evaluation dicts."""
+    if not all("per_task" in r for r in base + other):
+        return "-"
+    m, lo, hi = paired_bootstrap([r["per_task"] for r in base], [r["per_task"] for r in other])
+    return f"{100 * m:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
 def reuse_dream_phase(cfg, base_dir: str, algo: str):
     """S2R's first `iterations` are exactly the same-seed DreamGym run (same config but the mode, same
     RNG streams), so an S2R run that has not started continues that run's last checkpoint (with its
@@ -122,27 +148,35 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
                 fid.setdefault(key, []).append(train.fidelity_table(cfg, cfg.eval_fold))
     first = results[chosen[0][0]]
     # two protocols, both reported: the last agent (a fixed budget of iterations) and the dev-selected
-    # one (keep_best; "selected" = its iteration per seed, 0 = the warm start)
+    # one (keep_best; "selected" = its iteration per seed, 0 = the warm start). Each RL row is compared
+    # with the warm start of the same seed on the same test tasks: the mean difference in points with a
+    # 95% bootstrap interval over seeds and tasks (paired_bootstrap).
     last = lambda r, k="": r.get("last" + k, r["final" + k])
-    cols = (["method", "real_transitions", "success_last"] + (["sampled_last"] if sampled else []) +
-            ["success", "selected"] + (["success_sampled"] if sampled else []) + ["collapsed"])
+    warm = [r["warm"] for r in first]
+    cols = (["method", "real_transitions", "success_last", "vs_sft_last", "success", "vs_sft", "selected"] +
+            (["sampled_last", "vs_sft_sampled"] if sampled else []) + ["invalid", "steps", "collapsed"])
     rows = [dict(method="SFT (warm start)", real_transitions=int(np.mean([r["warm_transitions"] for r in first])),
-                 success=mean_std([r["warm"]["success"] for r in first]),
-                 collapsed=f'{sum(collapsed(r["warm"]) for r in first)}/{len(first)}')]
+                 success=mean_std([w["success"] for w in warm]), invalid=mean_std([w["invalid"] for w in warm]),
+                 steps=f'{np.mean([w["steps"] for w in warm]):.2f}',
+                 collapsed=f'{sum(collapsed(w) for w in warm)}/{len(first)}')]
     rows[0]["success_last"] = rows[0]["success"]
     if sampled:
-        rows[0]["success_sampled"] = rows[0]["sampled_last"] = mean_std([r["warm_sampled"]["success"] for r in first])
+        rows[0]["sampled_last"] = mean_std([r["warm_sampled"]["success"] for r in first])
     for name, _, _ in chosen:
         rs = results[name]
         rows.append(dict(method=name, real_transitions=int(np.mean([r["warm_transitions"] + r["rl_real_transitions"]
                                                                         for r in rs])),
                          success=mean_std([r["final"]["success"] for r in rs]),
+                         vs_sft=diff_text(warm, [r["final"] for r in rs]),
                          collapsed=f'{sum(collapsed(last(r)) for r in rs)}/{len(rs)}',
                          selected=",".join(str(r.get("selected_iteration", "last")) for r in rs),
-                         success_last=mean_std([last(r)["success"] for r in rs])))
+                         success_last=mean_std([last(r)["success"] for r in rs]),
+                         vs_sft_last=diff_text(warm, [last(r) for r in rs]),
+                         invalid=mean_std([last(r)["invalid"] for r in rs]),
+                         steps=f'{np.mean([last(r)["steps"] for r in rs]):.2f}'))
         if sampled:
-            rows[-1]["success_sampled"] = mean_std([r["final_sampled"]["success"] for r in rs])
             rows[-1]["sampled_last"] = mean_std([last(r, "_sampled")["success"] for r in rs])
+            rows[-1]["vs_sft_sampled"] = diff_text([r["warm_sampled"] for r in first], [last(r, "_sampled") for r in rs])
     text = format_table(rows, cols)
     if fid:
         frows = [dict(model=k, **{m: mean_std([f[m] for f in v]) for m in

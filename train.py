@@ -693,10 +693,11 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
 
 def keep_if_best(cfg: Config, st: RLState, agent, success: float | None):
     """Model selection on the held-out curve fold (never the evaluation fold): remember the agent with
-    the best curve success so far, the warm start included (a tie keeps the earlier, less-trained one).
+    the best curve success so far, the warm start included. A tie keeps the later agent: the greedy dev
+    success takes few distinct values on small folds, and a tie rule alone must not pick the warm start.
     Saved (atomically, with its tokenizer: `eval.py agent --ckpt <run>/agent_best` loads it) before the
     checkpoint that records it, so a resumed run never points at a missing file. Rank 0 only."""
-    if DIST.main and success > st.best_success:
+    if DIST.main and success >= st.best_success:
         st.best_success, st.best_iteration = success, st.iteration
         save_agent(agent, os.path.join(cfg.out, "agent_best"))
 

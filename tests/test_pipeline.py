@@ -111,7 +111,7 @@ def test_keep_best_selects_on_the_curve_fold_and_reports_that_agent(tiny_run, tm
     curve.update({r["iteration"] + 1: r["curve_success"] for r in rows if r.get("stage") == "rl"})
     best = max(curve.values())
     assert res["selected_curve_success"] == best
-    assert res["selected_iteration"] == min(i for i, v in curve.items() if v == best), "a tie keeps the earlier"
+    assert res["selected_iteration"] == max(i for i, v in curve.items() if v == best), "a tie keeps the later"
     # keep_if_best itself: the saved weights are the agent's at its best moment, not later ones
     agent = train.load_lm(cfg, os.path.join(cfg.out, "agent_warm"), torch.device("cpu"), trainable=False)
     c = tiny_cfg(tmp_path, "kb")
@@ -124,11 +124,11 @@ def test_keep_best_selects_on_the_curve_fold_and_reports_that_agent(tiny_run, tm
             p.add_(1.0)
         snapshots[it] = p.detach().clone()
         train.keep_if_best(c, st, agent, success)
-    assert (st.best_iteration, st.best_success) == (1, 0.5)
+    assert (st.best_iteration, st.best_success) == (2, 0.5), "a tie keeps the later agent"
     with torch.no_grad():
         p.zero_()
     train.load_agent_weights(agent, os.path.join(c.out, "agent_best"))
-    assert torch.equal(next(agent.model.parameters()), snapshots[1])
+    assert torch.equal(next(agent.model.parameters()), snapshots[2])
 
 
 def test_config_is_validated_at_start(tmp_path):
