@@ -211,12 +211,17 @@ def main(argv=None):
     t.add_argument("--out", default="runs/table")
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     t.add_argument("--methods", nargs="*", default=None, help="a subset of the method names")
+    t.add_argument("--config", default="", help="a JSON file of Config fields for every run (configs/*.json)")
     t.add_argument("--set", nargs="*", default=[], help="Config overrides for every run, e.g. iterations=20")
     t.add_argument("--no_fidelity", action="store_true", help="skip the M_exp fidelity of each trained M_exp")
     t.add_argument("--sampled", action="store_true", help=f"also success at temperature 1 ({SAMPLES} plays per task)")
     args = p.parse_args(argv)
     if args.cmd == "table":
-        over = {}
+        try:
+            over = train.load_config_file(args.config) if args.config else {}
+        except ValueError as e:
+            p.error(str(e))
+        over.pop("out", None)
         for kv in args.set:
             k, _, v = kv.partition("=")
             over[k] = train.parse_args([f"--{k}", v]).__dict__[k]

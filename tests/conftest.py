@@ -10,13 +10,11 @@ import pytest  # noqa: E402
 
 
 def tiny_cfg(root, name, **kw):
-    """A toy-scale pipeline config: tiny-s models, a few trajectories, short episodes."""
+    """A toy-scale pipeline config: configs/quick.json (tiny-s models, a few trajectories, short
+    episodes), with its files under the test's temporary folder."""
     import train
-    base = dict(out=str(root / name), data_dir=str(root / "data"), offline_expert=10, offline_noisy=10,
-                offline_random=8, agent_model="tiny-s", exp_model="tiny-s", vocab_size=600, exp_epochs=1.0,
-                exp_batch_tokens=4096, warm_epochs=2.0, warm_batch_tokens=2048, iterations=2, tasks_per_iter=2,
-                group_size=3, eval_episodes=3, curve_episodes=2, eval_every=1, taskgen_every=1, taskgen_seeds=2,
-                taskgen_per_seed=2, lam_tasks=0.5, exp_max_tokens=96, max_tokens=4096, env="twc:max_steps=3")
+    base = train.load_config_file(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "quick.json"))
+    base.update(out=str(root / name), data_dir=str(root / "data"))
     base.update(kw)
     return train.Config(**base).validate()
 
