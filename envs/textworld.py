@@ -174,6 +174,81 @@ def abstract_state(observation: str, info: dict) -> str:
                         admissible(info["validActions"]))
 
 
+# ----------------------------------------------------------------------------- observable experts
+# An observable expert chooses each action by a fixed rule of what the agent itself is shown: the
+# instruction, the current abstract state and its own earlier (state, action) pairs. It never reads
+# the game's gold path or internals, so its demonstrations can be cloned as a rule rather than as a
+# random choice. Signature: expert(state, history, instruction) -> action.
+OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
+
+
+def state_fields(state: str) -> dict[str, str]:
+    """An abstract state's `aspect: value` lines as a dict (the first line of each aspect wins)."""
+    out = {}
+    for line in state.splitlines():
+        name, sep, value = line.partition(": ")
+        if sep:
+            out.setdefault(name, value.strip())
+    return out
+
+
+def state_exits(state: str) -> list[tuple[str, str]]:
+    """The `exits:` line as (direction, what is beyond), in the order listed: ('east', 'pantry'),
+    ('south', 'closed wood door'); the '(through open ... door)' note is dropped."""
+    value = state_fields(state).get("exits", "none")
+    if value in ("none", ""):
+        return []
+    out = []
+    for item in value.split("; "):
+        direction, _, what = item.partition(" ")
+        out.append((direction, re.sub(r"\s*\(through [^)]*\)$", "", what)))
+    return out
+
+
+def _closed_door(what: str) -> bool:
+    return what.startswith("closed ") and what.endswith("door")
+
+
+def explore_move(state: str, history: list[tuple[str, str]]) -> str | None:
+    """Depth-first exploration by what is shown. Through the first listed exit that names a room not
+    yet visited (opening a closed door first: what is beyond it is not shown until it is open);
+    else back along the move that first entered this room; None when everything reachable is seen.
+    Visited rooms are the `room:` lines of this state and the states in `history`."""
+    actions = parse_state_actions(state) or []
+    rooms = [state_fields(s).get("room", "-") for s, _ in history] + [state_fields(state).get("room", "-")]
+    here, visited = rooms[-1], set(rooms)
+    exits = dict(state_exits(state))
+
+    def go(direction):
+        if _closed_door(exits.get(direction, "")) and f"open door to {direction}" in actions:
+            return f"open door to {direction}"
+        return f"move {direction}" if f"move {direction}" in actions else None
+
+    for direction, what in state_exits(state):
+        if _closed_door(what) or what not in visited:
+            move = go(direction)
+            if move:
+                return move
+    for i, (_, action) in enumerate(history):     # backtrack: reverse the move that first entered here
+        if rooms[i + 1] == here and rooms[i] != here and action.startswith("move "):
+            back = OPPOSITE.get(action[len("move "):])
+            return go(back) if back else None
+    return None
+
+
+def coin_expert(state: str, history: list[tuple[str, str]], instruction: str = "") -> str:
+    """coin: take the coin when `take coin` is listed, else explore depth-first (`explore_move`);
+    with nothing left to explore, the first listed action."""
+    actions = parse_state_actions(state) or []
+    if "take coin" in actions:
+        return "take coin"
+    return explore_move(state, history) or (actions[0] if actions else "look around")
+
+
+# game -> its observable expert; games not listed use the gold action sequence as their expert.
+OBSERVABLE_EXPERTS = {"coin": coin_expert}
+
+
 # ----------------------------------------------------------------------------- the JVM backend
 class _Backend:
     """One TextWorldExpress JVM shared by all episodes of this process (see module docstring)."""
@@ -235,6 +310,9 @@ class TextWorldEnv:
         self.invalid_action = invalid_action
         self.backend = _Backend.get()
         self.task = None
+        # the expert `envs.collect` plays: this rule of the visible state when the game has one,
+        # else None and the gold action sequence (`gold_actions`)
+        self.observable_expert = OBSERVABLE_EXPERTS.get(self.spec.game)
 
     # --- bookkeeping so several episodes can share the JVM
     def _key(self):
