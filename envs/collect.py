@@ -2,7 +2,9 @@
 
 The paper mixes expert demonstrations with oracle/random play so the data holds successes and
 failures; we do the same with four policies in the real environment:
-  expert    follows the env's gold action sequence (`env.gold_actions()`),
+  expert    the env's observable expert when it has one (`env.observable_expert(state, history,
+            instruction)`: a fixed rule of what the agent is shown), else its gold action sequence
+            (`env.gold_actions()`),
   noisy     the expert, but each step is a random admissible action with probability `epsilon`,
   random    uniform over admissible actions, and with probability `p_invalid` an inadmissible one
             (so the experience model sees what invalid actions do: the episode fails),
@@ -48,11 +50,20 @@ def _choose(policy, rng, admissible, gold, pointer, epsilon, p_invalid, pool):
 def rollout(env, task: Task, policy: str, rng: random.Random, epsilon=0.3, p_invalid=0.1,
             pool=()) -> list[dict]:
     state, info = env.reset(task)
-    gold = list(env.gold_actions()) if policy in ("expert", "noisy") else []
+    observable = getattr(env, "observable_expert", None) if policy in ("expert", "noisy") else None
+    gold = list(env.gold_actions()) if policy in ("expert", "noisy") and observable is None else []
     task = Task(**{**task.to_dict(), "instruction": info["instruction"]})
-    traj, pointer, done, t = [], 0, False, 0
+    traj, pointer, done, t, history = [], 0, False, 0, []
     while not done:
-        action, pointer = _choose(policy, rng, info["admissible"], gold, pointer, epsilon, p_invalid, pool)
+        if observable is not None:
+            if policy == "noisy" and rng.random() < epsilon:
+                action = rng.choice(info["admissible"]) if info["admissible"] else "look around"
+            else:
+                action = observable(state, history, info["instruction"])
+        else:
+            action, pointer = _choose(policy, rng, info["admissible"], gold, pointer, epsilon, p_invalid,
+                                      pool)
+        history.append((state, action))
         next_state, reward, done, next_info = env.step(action)
         traj.append(dict(task=task.to_dict(), t=t, state=state, action=action,
                          admissible=info["admissible"], next_state=next_state, reward=reward, done=done,
@@ -92,7 +103,8 @@ def collect(env_spec: str, n_expert: int, n_noisy: int, n_random: int, fold="tra
     plan = ["expert"] * n_expert + ["noisy"] * n_noisy + ["random"] * n_random + ["filtered"] * n_filtered
     seeds = _seeds(env_spec, fold, len(plan), rng)
     env = make_env(env_spec)
-    if (n_expert or n_noisy) and not getattr(env, "has_expert", hasattr(env, "gold_actions")):
+    has_expert = getattr(env, "observable_expert", None) is not None or hasattr(env, "gold_actions")
+    if (n_expert or n_noisy) and not getattr(env, "has_expert", has_expert):
         raise ValueError(f"{env_spec} has no expert (gold_actions); collect with --random and --filtered")
     out, pool, seen, tries = [], [], Counter(), 0
     for s, policy in tqdm(list(zip(seeds, plan)), desc=f"collect {env_spec}", disable=not progress):

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from .base import Task, join_items, parse_state_actions, render_state_lines, replace_feedback  # noqa: F401
 
 # Presets: small instances so CPU runs are quick; any parameter can be overridden in the spec string,
-# e.g. "twc:numItemsToPutAway=2,numLocations=2,max_steps=20".
+# e.g. "twc:numItemsToPutAway=2,numLocations=2,max_steps=20". `params` lists every parameter the game
+# takes (TextWorldExpress's names); arithmetic, sorting and peckingorder take none.
 GAMES = {
     "twc": dict(params=dict(numLocations=1, numItemsToPutAway=1, includeDoors=0, limitInventorySize=0),
                 max_steps=10),
@@ -30,11 +31,19 @@ GAMES = {
                                      limitInventorySize=0), max_steps=15),
     "coin": dict(params=dict(numLocations=3, numDistractorItems=0, includeDoors=0, limitInventorySize=0),
                  max_steps=10),
+    "mapreader": dict(params=dict(numLocations=5, maxDistanceApart=2, maxDistractorItemsPerLocation=0,
+                                  includeDoors=0, limitInventorySize=0), max_steps=12),
+    "sorting": dict(params=dict(), max_steps=12),
+    "arithmetic": dict(params=dict(), max_steps=8),
+    "simonsays": dict(params=dict(gameLength=3, numDistractors=2, memorization=0, verbose=0), max_steps=5),
+    "peckingorder": dict(params=dict(), max_steps=12),
 }
 FOLD_SEEDS = {"train": range(0, 1000), "dev": range(10000, 11000), "test": range(20000, 21000)}
-# Actions whose result the abstract state already shows; removing them shortens every prompt.
-DROPPED_ACTIONS = ("look around", "inventory")
+# Actions whose result the abstract state already shows (the room, the inventory, the instruction);
+# removing them shortens every prompt. Not in simonsays, where any action may be what Simon says.
+DROPPED_ACTIONS = ("look around", "inventory", "task")
 DROPPED_PREFIXES = ("examine ",)
+KEEP_ALL_ACTIONS = ("simonsays",)
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,9 @@ def _describe(body: str) -> list[str]:
     m = re.match(r"(.+?) that has (.+) on it$", body)
     if m:
         return [f"{_strip_article(m.group(1))} (on: {', '.join(_split_list(m.group(2)))})"]
+    m = re.match(r"(.+?), that contains (.+)$", body)       # a container with no lid (sorting's box)
+    if m:
+        return [f"{_strip_article(m.group(1))} (in: {', '.join(_split_list(m.group(2)))})"]
     m = re.match(r"(.+?) that is (closed|open)$", body)
     if m:
         return [f"{_strip_article(m.group(1))} ({m.group(2)})"]
@@ -120,6 +132,13 @@ def _exit(sentence: str) -> str | None:
     return f"{direction.lower()} {what}" + (f" (through {via})" if via else "")
 
 
+def _clause(sentence: str) -> str:
+    for p in _PREFIXES:
+        if sentence.startswith(p):
+            return sentence[len(p):]
+    return sentence
+
+
 def parse_look(look: str) -> tuple[str, list[str], list[str]]:
     """TextWorldExpress room description -> (room, things, exits)."""
     room, things, exits = "", [], []
@@ -134,11 +153,7 @@ def parse_look(look: str) -> tuple[str, list[str], list[str]]:
         if ex is not None:
             exits.append(ex)
             continue
-        for p in _PREFIXES:
-            if sentence.startswith(p):
-                sentence = sentence[len(p):]
-                break
-        things.extend(_describe(sentence))
+        things.extend(_describe(_clause(sentence)))
     return room, things, exits
 
 
@@ -147,9 +162,34 @@ def parse_inventory(inv: str) -> list[str]:
     return [] if not lines or "currently empty" in lines[0] else [_strip_article(ln) for ln in lines]
 
 
-def admissible(valid_actions: list[str]) -> list[str]:
+def admissible(valid_actions: list[str], game: str = "") -> list[str]:
+    if game in KEEP_ALL_ACTIONS:
+        return sorted(set(valid_actions))
     keep = [a for a in valid_actions if a not in DROPPED_ACTIONS and not a.startswith(DROPPED_PREFIXES)]
     return sorted(set(keep))
+
+
+def read_notes(observation: str) -> dict[str, str]:
+    """Text the game shows once but the task needs later, as aspects the state keeps from then on:
+    a map read in mapreader, a recipe in cookingworld, a math problem in arithmetic, the list of
+    actions Simon says in simonsays' memorization mode."""
+    obs = observation.strip()
+    if obs.startswith("The map reads:"):
+        links = re.findall(r"The (.+?) connects to (.+?)\.", obs)
+        return {"map": "; ".join(f"{room}: {', '.join(_split_list(to))}" for room, to in links)}
+    if obs.startswith("Gather all following ingredients"):
+        m = re.search(r"Ingredients:(.*?)Directions:(.*)$", obs, re.S)
+        if m:
+            ingredients = [ln.strip() for ln in m.group(1).splitlines() if ln.strip()]
+            directions = [ln.strip() for ln in m.group(2).splitlines() if ln.strip()]
+            return {"ingredients": ", ".join(ingredients), "directions": ", ".join(directions)}
+    m = re.match(r"Your task is to solve the following math problem: (.+?)\s*\.", obs)
+    if m:
+        return {"math problem": " ".join(m.group(1).split())}
+    m = re.match(r"Simon says, take these actions in order: (.+?)\.?$", obs)
+    if m:
+        return {"simon says": m.group(1).strip()}
+    return {}
 
 
 def feedback_of(observation: str) -> str:
@@ -161,17 +201,255 @@ def feedback_of(observation: str) -> str:
 
 
 def render_state(feedback: str, room: str, things: list[str], exits: list[str], inventory: list[str],
-                 actions: list[str]) -> str:
+                 actions: list[str], notes: dict[str, str] | None = None) -> str:
     """The abstract state: one line per aspect. Shared format for real and dreamed states."""
     return render_state_lines({"feedback": feedback or "-", "room": room or "-", "you see": join_items(things),
-                               "exits": join_items(exits, "none"), "inventory": join_items(inventory)},
-                              actions)
+                               "exits": join_items(exits, "none"), "inventory": join_items(inventory),
+                               **(notes or {})}, actions)
 
 
-def abstract_state(observation: str, info: dict) -> str:
+def abstract_state(observation: str, info: dict, game: str = "", notes: dict[str, str] | None = None) -> str:
+    """Games without rooms (simonsays: the engine shows no room, no inventory) keep only the feedback,
+    the notes and the actions."""
+    actions = admissible(info["validActions"], game)
+    if not info["look"].strip():
+        return render_state_lines({"feedback": " ".join(observation.split()) or "-", **(notes or {})}, actions)
     room, things, exits = parse_look(info["look"])
     return render_state(feedback_of(observation), room, things, exits, parse_inventory(info["inventory"]),
-                        admissible(info["validActions"]))
+                        actions, notes)
+
+
+# ----------------------------------------------------------------------------- observable experts
+# An observable expert chooses each action by a fixed rule of what the agent itself is shown: the
+# instruction, the current abstract state and its own earlier (state, action) pairs. It never reads
+# the game's gold path or internals, so its demonstrations can be cloned as a rule rather than as a
+# random choice. Signature: expert(state, history, instruction) -> action.
+OPPOSITE = {"north": "south", "south": "north", "east": "west", "west": "east"}
+
+
+def state_fields(state: str) -> dict[str, str]:
+    """An abstract state's `aspect: value` lines as a dict (the first line of each aspect wins)."""
+    out = {}
+    for line in state.splitlines():
+        name, sep, value = line.partition(": ")
+        if sep:
+            out.setdefault(name, value.strip())
+    return out
+
+
+def state_exits(state: str) -> list[tuple[str, str]]:
+    """The `exits:` line as (direction, what is beyond), in the order listed: ('east', 'pantry'),
+    ('south', 'closed wood door'); the '(through open ... door)' note is dropped."""
+    value = state_fields(state).get("exits", "none")
+    if value in ("none", ""):
+        return []
+    out = []
+    for item in value.split("; "):
+        direction, _, what = item.partition(" ")
+        out.append((direction, re.sub(r"\s*\(through [^)]*\)$", "", what)))
+    return out
+
+
+def _closed_door(what: str) -> bool:
+    return what.startswith("closed ") and what.endswith("door")
+
+
+def explore_move(state: str, history: list[tuple[str, str]]) -> str | None:
+    """Depth-first exploration by what is shown. Through the first listed exit that names a room not
+    yet visited (opening a closed door first: what is beyond it is not shown until it is open);
+    else back along the move that first entered this room; None when everything reachable is seen.
+    Visited rooms are the `room:` lines of this state and the states in `history`."""
+    actions = parse_state_actions(state) or []
+    rooms = [state_fields(s).get("room", "-") for s, _ in history] + [state_fields(state).get("room", "-")]
+    here, visited = rooms[-1], set(rooms)
+    exits = dict(state_exits(state))
+
+    def go(direction):
+        if _closed_door(exits.get(direction, "")) and f"open door to {direction}" in actions:
+            return f"open door to {direction}"
+        return f"move {direction}" if f"move {direction}" in actions else None
+
+    for direction, what in state_exits(state):
+        if _closed_door(what) or what not in visited:
+            move = go(direction)
+            if move:
+                return move
+    for i, (_, action) in enumerate(history):     # backtrack: reverse the move that first entered here
+        if rooms[i + 1] == here and rooms[i] != here and action.startswith("move "):
+            back = OPPOSITE.get(action[len("move "):])
+            return go(back) if back else None
+    return None
+
+
+def coin_expert(state: str, history: list[tuple[str, str]], instruction: str = "") -> str:
+    """coin: take the coin when `take coin` is listed, else explore depth-first (`explore_move`);
+    with nothing left to explore, `_fallback`."""
+    actions = parse_state_actions(state) or []
+    if "take coin" in actions:
+        return "take coin"
+    return explore_move(state, history) or _fallback(actions)
+
+
+def _items(value: str | None) -> list[str]:
+    return [] if value in (None, "", "nothing", "none", "-") else value.split("; ")
+
+
+def _holds(inventory: list[str], name: str) -> str | None:
+    """The inventory entry that is `name`, whatever its state words ('raw sliced red potato')."""
+    return next((x for x in inventory if x == name or x.endswith(" " + name)), None)
+
+
+def step_toward(target: str, state: str, history: list[tuple[str, str]]) -> str | None:
+    """The first move of a shortest route to room `target`, over the links the agent knows: exits
+    seen in this state and earlier ones, and the `map:` aspect once a map has been read. Ties go to
+    the exit listed first. None when here already or no known route."""
+    fields = state_fields(state)
+    here = fields.get("room", "-")
+    if here == target:
+        return None
+    links: dict[str, set[str]] = {}
+
+    def link(a, b):
+        links.setdefault(a, set()).add(b)
+        links.setdefault(b, set()).add(a)
+    for s in [h for h, _ in history] + [state]:
+        room = state_fields(s).get("room", "-")
+        for _, what in state_exits(s):
+            if not _closed_door(what):
+                link(room, what)
+    for entry in _items(fields.get("map")):
+        room, _, neighbours = entry.partition(": ")
+        for other in filter(None, neighbours.split(", ")):
+            link(room, other)
+    dist, frontier = {target: 0}, [target]
+    while frontier:                         # breadth-first distances to the target
+        nxt = []
+        for room in frontier:
+            for other in sorted(links.get(room, ())):
+                if other not in dist:
+                    dist[other] = dist[room] + 1
+                    nxt.append(other)
+        frontier = nxt
+    actions = parse_state_actions(state) or []
+    best = None
+    for direction, what in state_exits(state):
+        if what in dist and f"move {direction}" in actions and (best is None or dist[what] < best[0]):
+            best = (dist[what], f"move {direction}")
+    return best[1] if best and best[0] < dist.get(here, float("inf")) else None
+
+
+_TASK_MAPREADER = re.compile(r"take the (.+?) that is located in the (.+?), and put it into the (.+?) found "
+                             r"in the (.+?)\.")
+
+
+def mapreader_expert(state: str, history: list[tuple[str, str]], instruction: str = "") -> str:
+    """mapreader: read the map first; then walk a shortest route on the map (ties: the exit listed
+    first) to the room the instruction names for the object, take it, walk back to the box's room,
+    put it in. Without a readable task or map it explores like `coin`."""
+    fields, actions = state_fields(state), parse_state_actions(state) or []
+    if "map" not in fields and "read map" in actions:
+        return "read map"
+    m = _TASK_MAPREADER.search(instruction)
+    if m:
+        thing, thing_room, box, box_room = m.groups()
+        if _holds(_items(fields.get("inventory")), thing):
+            if f"put {thing} in {box}" in actions:
+                return f"put {thing} in {box}"
+            move = step_toward(box_room, state, history)
+        else:
+            if f"take {thing}" in actions:
+                return f"take {thing}"
+            move = step_toward(thing_room, state, history)
+        if move:
+            return move
+    return explore_move(state, history) or _fallback(actions)
+
+
+CUTS = {"slice": "sliced", "dice": "diced", "chop": "chopped"}
+COOKS = {"fry": ("fried", ("stove",)), "roast": ("roasted", ("oven",)), "grill": ("grilled", ("toaster", "barbeque"))}
+
+
+def cookingworld_expert(state: str, history: list[tuple[str, str]], instruction: str = "") -> str:
+    """cookingworld: read the cookbook; take each listed ingredient (and the knife when a direction
+    cuts) as soon as `take` lists it; while something is missing, open the first closed container
+    in view, else explore (`explore_move`); with everything held, do the directions in the listed
+    order, skipping those the inventory shows done ('sliced ...'), then prepare and eat the meal.
+    Contents of closed containers are not shown, so it opens them in the order they are listed."""
+    fields, actions = state_fields(state), parse_state_actions(state) or []
+    inventory = _items(fields.get("inventory"))
+    if "eat meal" in actions and "meal" in inventory:
+        return "eat meal"
+    if "ingredients" not in fields:
+        if "read cookbook" in actions:
+            return "read cookbook"
+        return _go_to_seen(("kitchen",), state, history) or _fallback(actions)
+    ingredients = [x for x in fields["ingredients"].split(", ") if x]
+    directions = [x for x in fields.get("directions", "").split(", ") if x]
+    needs_knife = any(d.split(" ", 1)[0] in CUTS for d in directions)
+    missing = [x for x in ingredients + (["knife"] if needs_knife else []) if not _holds(inventory, x)]
+    if "meal" not in inventory and missing:
+        for x in missing:
+            if f"take {x}" in actions:
+                return f"take {x}"
+        for thing in _items(fields.get("you see")):
+            name = thing[:-len(" (closed)")] if thing.endswith(" (closed)") else None
+            if name and f"open {name}" in actions:
+                return f"open {name}"
+        return explore_move(state, history) or _fallback(actions)
+    where = ("kitchen",)                    # the room (or the things) the next direction needs
+    for direction in directions:
+        if direction == "prepare meal":
+            if "prepare meal" in actions:
+                return "prepare meal"
+            break
+        verb, _, thing = direction.partition(" the ")
+        held = _holds(inventory, thing) or ""
+        if verb in CUTS:
+            if CUTS[verb] in held.split():
+                continue
+            if f"{verb} {thing}" in actions:
+                return f"{verb} {thing}"
+            break
+        if verb in COOKS:
+            if COOKS[verb][0] in held.split():
+                continue
+            for appliance in COOKS[verb][1]:
+                if f"cook {thing} in {appliance}" in actions:
+                    return f"cook {thing} in {appliance}"
+            where = COOKS[verb][1]
+            break
+    return _go_to_seen(where, state, history) or _fallback(actions)
+
+
+def _fallback(actions: list[str]) -> str:
+    """With nothing left to explore: a move if there is one (it cannot spoil the task), else the
+    first listed action."""
+    return next((a for a in actions if a.startswith("move ")), actions[0] if actions else "look around")
+
+
+def _go_to_seen(targets: tuple[str, ...], state: str, history: list[tuple[str, str]]) -> str | None:
+    """Toward the first room seen holding one of `targets` (a room name or a thing in `you see`),
+    trying rooms in the order they were first seen; explore when none is known or reachable."""
+    rooms = []
+    for s in [h for h, _ in history] + [state]:
+        fields = state_fields(s)
+        room = fields.get("room", "-")
+        seen = [t.split(" (", 1)[0] for t in _items(fields.get("you see"))]
+        if room not in rooms and (room in targets or any(t in targets for t in seen)):
+            rooms.append(room)
+    here = state_fields(state).get("room", "-")
+    for room in rooms:
+        if room == here:
+            return None
+        move = step_toward(room, state, history)
+        if move:
+            return move
+    return explore_move(state, history)
+
+
+# game -> its observable expert; games not listed use the gold action sequence as their expert
+# (their gold path is already a rule of what the agent is shown: see envs/README.md).
+OBSERVABLE_EXPERTS = {"coin": coin_expert, "mapreader": mapreader_expert, "cookingworld": cookingworld_expert}
 
 
 # ----------------------------------------------------------------------------- the JVM backend
@@ -195,10 +473,34 @@ class _Backend:
         return json.loads(response)
 
     def new_game(self, spec: GameSpec, fold: str, seed: int, gold: bool = False) -> dict:
+        """Engine errors (a parameter out of range, a map that cannot be built) become one-line
+        ValueErrors naming the game and its parameters."""
+        from py4j.protocol import Py4JError
+        where = f"TextWorldExpress game {spec.game!r} ({spec.param_string or 'no parameters'})"
         if self.loaded != (spec.game, spec.params):
-            self.env.load(gameName=spec.game, gameParams=spec.param_string)
+            self.loaded = None
+            try:
+                msg = self.env.server.load(spec.game, spec.param_string)
+            except Py4JError as e:
+                raise ValueError(f"{where}: {_java_message(e)}") from None
+            if msg:
+                raise ValueError(f"TextWorldExpress game {spec.game!r}, {self._culprit(spec)}: "
+                                 f"{' '.join(str(msg).split())}")
             self.loaded = (spec.game, spec.params)
-        return self._call(self.env.server.generateNewGameJSON(seed, fold, gold))
+        try:
+            info = self._call(self.env.server.generateNewGameJSON(seed, fold, gold))
+        except Py4JError as e:
+            raise ValueError(f"{where}, {fold} seed {seed}: {_java_message(e)}") from None
+        if str(info.get("observation", "")).startswith("ERROR:"):
+            raise ValueError(f"{where}, {fold} seed {seed}: {info['observation'][len('ERROR:'):].strip()}")
+        return info
+
+    def _culprit(self, spec: GameSpec) -> str:
+        """The parameter the engine refuses, found by loading each one alone (only after a failure)."""
+        for name, value in spec.params:
+            if self.env.server.load(spec.game, f"{name}={value}"):
+                return f"parameter {name}={value}"
+        return f"parameters {spec.param_string}"
 
     def step(self, action: str) -> dict:
         return self._call(self.env.server.stepJSON(action))
@@ -208,6 +510,13 @@ class _Backend:
 
     def gold(self) -> list[str]:
         return list(self.env.server.getGoldActionSequence())
+
+
+def _java_message(error) -> str:
+    """The first line of the Java exception inside a py4j error, without the stack trace."""
+    text = str(getattr(error, "java_exception", "") or error)
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "engine error")
+    return re.sub(r"^(?:[\w.$]+(?:Exception|Error): |ERROR: )+", "", first)
 
 
 def _check_task(spec: GameSpec, task: Task):
@@ -235,6 +544,9 @@ class TextWorldEnv:
         self.invalid_action = invalid_action
         self.backend = _Backend.get()
         self.task = None
+        # the expert `envs.collect` plays: this rule of the visible state when the game has one,
+        # else None and the gold action sequence (`gold_actions`)
+        self.observable_expert = OBSERVABLE_EXPERTS.get(self.spec.game)
 
     # --- bookkeeping so several episodes can share the JVM
     def _key(self):
@@ -254,8 +566,9 @@ class TextWorldEnv:
         info = self.backend.new_game(self.spec, task.fold, task.seed)
         self.backend.key = self._key()
         self.instruction = self.backend.task_description()
-        self.state = abstract_state(info["observation"], info)
-        self.admissible = admissible(info["validActions"])
+        self.notes = read_notes(info["observation"])
+        self.state = abstract_state(info["observation"], info, self.spec.game, self.notes)
+        self.admissible = admissible(info["validActions"], self.spec.game)
         return self.state, self._info(success=False, invalid=False, raw=info["observation"])
 
     def _info(self, success, invalid, raw, truncated=False):
@@ -276,8 +589,9 @@ class TextWorldEnv:
         success = bool(info["tasksuccess"]) or info["score"] >= 1.0
         terminated = success or bool(info["taskfailure"])
         self.done = terminated or self.steps >= self.spec.max_steps
-        self.state = abstract_state(info["observation"], info)
-        self.admissible = admissible(info["validActions"])
+        self.notes = {**self.notes, **read_notes(info["observation"])}
+        self.state = abstract_state(info["observation"], info, self.spec.game, self.notes)
+        self.admissible = admissible(info["validActions"], self.spec.game)
         return self.state, float(success), self.done, self._info(success, False, info["observation"],
                                                                   truncated=self.done and not terminated)
 

@@ -1,11 +1,15 @@
 """The built-in real environment (real TextWorldExpress games) and offline data collection."""
 import os
+import subprocess
+import sys
 
 import pytest
 
 from envs import BatchEnv, FOLD_SEEDS, Task, make_env, parse_spec
 from envs.collect import collect, read_jsonl, summary, write_jsonl
-from envs.textworld import parse_look, render_state
+from envs.textworld import OBSERVABLE_EXPERTS, coin_expert, parse_look, render_state
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 GAMES = ["twc", "cookingworld", "coin"]
 
@@ -134,3 +138,68 @@ def test_committed_sample_is_what_collection_produces():
     sample = read_jsonl(os.path.join(os.path.dirname(__file__), "..", "data", "sample", "twc-train.jsonl"))
     assert collect("twc", 3, 3, 2, "train", 0, progress=False) == sample
     assert {t["policy"] for t in sample} == {"expert", "noisy", "random"}
+
+
+def _coin_state(room, exits, things=(), actions=None):
+    moves = [f"move {e.split()[0]}" for e in exits]
+    actions = sorted(moves + (["take coin"] if "coin" in things else [])) if actions is None else actions
+    return render_state(f"You are in the {room}.", room, list(things), list(exits), [], actions)
+
+
+def test_coin_expert_is_a_rule_of_the_visible_state():
+    """Take the coin when listed; else the first listed exit to an unseen room; else back the way
+    this room was first entered. Only the text shown (and the expert's own history) decides."""
+    kitchen = _coin_state("kitchen", ["north corridor", "west pantry"], ["stove"])
+    assert coin_expert(kitchen, []) == "move north"
+    # the order the exits are listed in decides, not the direction's name
+    assert coin_expert(_coin_state("kitchen", ["west pantry", "north corridor"]), []) == "move west"
+    assert coin_expert(_coin_state("pantry", ["east kitchen"], ["shelf", "coin"]), []) == "take coin"
+    corridor = _coin_state("corridor", ["south kitchen"])
+    history = [(kitchen, "move north")]
+    assert coin_expert(corridor, history) == "move south", "nothing unseen here: back to the kitchen"
+    history += [(corridor, "move south")]
+    assert coin_expert(kitchen, history) == "move west", "the corridor is seen; the pantry is not"
+    # doors: what is beyond a closed door is not shown until it is opened
+    doors = _coin_state("kitchen", ["south closed wood door", "east pantry (through open glass door)"],
+                        actions=["move east", "move south", "open door to east", "open door to south"])
+    assert coin_expert(doors, []) == "open door to south"
+    doors = _coin_state("kitchen", ["east pantry (through open glass door)", "south closed wood door"],
+                        actions=["move east", "move south", "open door to east", "open door to south"])
+    assert coin_expert(doors, []) == "move east"
+    assert coin_expert(doors, [(_coin_state("pantry", ["west kitchen"]), "move west")]) == "open door to south"
+    assert OBSERVABLE_EXPERTS["coin"] is coin_expert and make_env("coin").observable_expert is coin_expert
+    assert make_env("twc").observable_expert is None, "twc keeps the gold-path expert"
+
+
+def test_coin_expert_ignores_what_the_agent_cannot_see():
+    """Seeds 0 and 124 show the same first state but hide the coin in different rooms: the expert's
+    first move is the same, and it still finds the coin in both within the step budget."""
+    env = make_env("coin")
+    moves, states = [], []
+    for seed in (0, 124):
+        state, info = env.reset(Task("coin", "train", seed))
+        states.append(state)
+        history, done, first = [], False, None
+        while not done:
+            action = env.observable_expert(state, history, info["instruction"])
+            first = first or action
+            history.append((state, action))
+            state, _, done, info = env.step(action)
+        moves.append((first, len(history)))
+        assert info["success"]
+    assert states[0] == states[1] and moves[0][0] == moves[1][0] == "move east"
+    assert moves[0][1] != moves[1][1], "the coin is elsewhere in seed 124: a longer walk"
+
+
+def test_coin_collection_is_identical_across_processes(tmp_path):
+    """The observable expert uses nothing that varies between JVM launches."""
+    code = ("import sys; from envs.collect import collect, write_jsonl; "
+            "write_jsonl(sys.argv[1], collect('coin', 5, 5, 3, seed=0, progress=False))")
+    paths = [str(tmp_path / f"{i}.jsonl") for i in range(2)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", code, path], cwd=ROOT, check=True)
+    data = [open(p, "rb").read() for p in paths]
+    assert data[0] == data[1] and data[0]
+    rows = read_jsonl(paths[0])
+    assert summary(rows)["coin/expert"]["success_rate"] == 1.0
+    assert {r["policy"] for r in rows} == {"expert", "noisy", "random"}
