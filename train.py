@@ -738,9 +738,12 @@ def annotated_trajectories(cfg: Config):
     return [tr for tr in trajs if tr[0].reasoning or cfg.annotator == "rule"]
 
 
+OFFLINE_VERSION = 2      # bumped whenever a collection policy changes, so no run reuses another policy's data
+
+
 def offline_path(cfg: Config) -> str:
     name = (f"{cfg.env.replace(':', '_').replace(',', '_').replace('=', '')}-e{cfg.offline_expert}"
-            f"-n{cfg.offline_noisy}-r{cfg.offline_random}-eps{cfg.offline_epsilon}-s{cfg.seed}")
+            f"-n{cfg.offline_noisy}-r{cfg.offline_random}-eps{cfg.offline_epsilon}-s{cfg.seed}-v{OFFLINE_VERSION}")
     return os.path.join(cfg.data_dir, "offline", name + ".jsonl")
 
 
