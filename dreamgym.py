@@ -33,7 +33,7 @@ import torch
 import envs
 from engine import Engine, Generation, SamplingParams
 from envs.base import StepResult, Task, parse_state_actions, replace_feedback
-from envs.collect import collect, read_jsonl, write_jsonl
+from envs.collect import COLLECT_VERSION, collect, read_jsonl, write_jsonl
 from kernels import gae, grpo_advantages, linear_logprobs
 
 # ============================================================================ 1. formats
@@ -1158,7 +1158,7 @@ def fidelity(exp: ExperienceModel, transitions: list[Transition], batch: int = 6
 def heldout_transitions(env: str, fold: str, n_traj: int, seed: int = 123) -> list[Transition]:
     """Real transitions on a held-out fold, same policy mix as the offline data (cached in data/)."""
     path = os.path.join("data", "offline", f"heldout-{env.replace(':', '_').replace(',', '_').replace('=', '')}"
-                                            f"-{fold}-{n_traj}-s{seed}.jsonl")
+                                            f"-{fold}-{n_traj}-s{seed}-v{COLLECT_VERSION}.jsonl")
     if not os.path.exists(path):
         third = n_traj // 3
         write_jsonl(path, collect(env, third, third, n_traj - 2 * third, fold, seed, progress=False))

@@ -31,7 +31,7 @@ import dreamgym as dg
 import envs
 from engine import SamplingParams
 from envs import Task
-from envs.collect import collect, print_summary, read_jsonl, write_jsonl
+from envs.collect import COLLECT_VERSION, collect, print_summary, read_jsonl, write_jsonl
 from models import ModelSpec, create_tiny, load_model, save_model, train_tokenizer
 from runtime import (DIST, Log, device_of, exit_on_sigterm, fingerprint, format_table, load_agent_weights,
                      load_checkpoint, plot_curves, save_agent, save_checkpoint, seed_all, write_json)
@@ -738,12 +738,9 @@ def annotated_trajectories(cfg: Config):
     return [tr for tr in trajs if tr[0].reasoning or cfg.annotator == "rule"]
 
 
-OFFLINE_VERSION = 2      # bumped whenever a collection policy changes, so no run reuses another policy's data
-
-
 def offline_path(cfg: Config) -> str:
     name = (f"{cfg.env.replace(':', '_').replace(',', '_').replace('=', '')}-e{cfg.offline_expert}"
-            f"-n{cfg.offline_noisy}-r{cfg.offline_random}-eps{cfg.offline_epsilon}-s{cfg.seed}-v{OFFLINE_VERSION}")
+            f"-n{cfg.offline_noisy}-r{cfg.offline_random}-eps{cfg.offline_epsilon}-s{cfg.seed}-v{COLLECT_VERSION}")
     return os.path.join(cfg.data_dir, "offline", name + ".jsonl")
 
 
