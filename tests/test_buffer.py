@@ -85,3 +85,32 @@ def test_eviction_drops_oldest_synthetic_never_real():
     assert [t.t for t in buf.items] == [0, 1, 2, 12, 13]
     with pytest.raises(ValueError, match="capacity"):
         buf.add([tr(20 + i, f"r{i}", "a") for i in range(4)])
+
+
+class CountingModel:
+    """A stand-in sentence model: remembers what it was asked to encode."""
+    def __init__(self):
+        self.encoded = []
+
+    def get_embedding_dimension(self):
+        return 4
+
+    def encode(self, texts, **kw):
+        self.encoded += texts
+        return np.array([[len(t), 1.0, 0.0, 0.0] for t in texts], np.float32)
+
+
+def test_encoder_cache_stays_bounded_and_never_loses_a_text():
+    model = CountingModel()
+    enc = dg.Encoder(model=model, cache_size=4)
+    enc(["a", "bb", "ccc"])
+    out = enc(["a", "dddd", "eeeee"])                 # overflows the cache while "a" is a hit
+    assert out[:, 0].tolist() == [1, 4, 5]
+    assert model.encoded == ["a", "bb", "ccc", "dddd", "eeeee"], "a cached text is not encoded again"
+    out = enc([f"x{i}" for i in range(7)] + ["a"])    # more new texts than the cache holds
+    assert out[:, 0].tolist() == [2] * 7 + [1] and len(enc._cache) <= 4
+    n = len(model.encoded)
+    enc(["x6"])
+    assert len(model.encoded) == n, "the most recently used texts are kept"
+    enc(["x0"])
+    assert model.encoded[n:] == ["x0"], "the least recently used ones are dropped"
