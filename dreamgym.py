@@ -300,6 +300,11 @@ def query_text(state: str, action: str) -> str:
     return "\n".join(kept) + f"\naction: {action}"
 
 
+def demo_key(tr: Transition) -> tuple:
+    """What makes two transitions the same demonstration: the same query, the same outcome."""
+    return query_text(tr.state, tr.action), tr.next_state, tr.reward, tr.done
+
+
 class ReplayBuffer:
     """Offline real transitions + fresh synthetic ones; top-k retrieval by cosine similarity.
 
@@ -311,6 +316,12 @@ class ReplayBuffer:
     co-evolves with the agent while staying grounded in real data.
     Retrieval over the whole buffer is one matrix product: at 10^5-10^6 entries on CPU (or when
     many buffers share one machine) an approximate index such as FAISS would start to pay off.
+
+    Grounding (every rollout of a task starts from the same state, so one iteration dreams many
+    identical steps, which embed exactly like the real one): a synthetic transition whose query and
+    outcome (`demo_key`) are already stored is not added again, and retrieval returns each
+    (query, outcome) at most once and keeps a slot for the nearest real transition whenever the
+    buffer holds one that is not excluded.
     """
 
     def __init__(self, encoder: Encoder | None, capacity: int = 100_000, path: str | None = None):
@@ -323,6 +334,10 @@ class ReplayBuffer:
 
     # -- writing
     def add(self, transitions: list[Transition], emb: np.ndarray | None = None):
+        keep = self._admitted(transitions)
+        if len(keep) < len(transitions):
+            transitions = [transitions[i] for i in keep]
+            emb = emb[keep] if emb is not None else None
         if not transitions:
             return
         if emb is None:
@@ -332,6 +347,21 @@ class ReplayBuffer:
         if self.path:
             self._append_jsonl(transitions)
         self._evict()
+
+    def _admitted(self, transitions: list[Transition]) -> list[int]:
+        """Indices of the transitions that enter: every real one; a synthetic one unless a stored
+        (or earlier in this batch) transition has the same query and outcome."""
+        if all(t.source == "real" for t in transitions):
+            return list(range(len(transitions)))
+        known, keep = {demo_key(t) for t in self.items}, []
+        for i, t in enumerate(transitions):
+            if t.source != "real":
+                key = demo_key(t)
+                if key in known:
+                    continue
+                known.add(key)
+            keep.append(i)
+        return keep
 
     def _append_jsonl(self, transitions):
         with open(self.path + ".jsonl", "a") as f:
@@ -357,7 +387,8 @@ class ReplayBuffer:
     # -- reading
     def retrieve(self, states: list[str], actions: list[str], k: int, exclude_traj: list[str] | None = None,
                  query_emb: np.ndarray | None = None) -> list[list[Transition]]:
-        """Top-k most similar transitions for each (state, action); `exclude_traj` keeps a
+        """Top-k most similar transitions for each (state, action), each (query, outcome) once, the
+        nearest real transition always among them (see the class docstring); `exclude_traj` keeps a
         transition's own trajectory out (used when building SFT data: no label leakage);
         `query_emb` skips encoding when the caller already has phi of the queries."""
         if k <= 0 or not self.items:
@@ -369,9 +400,39 @@ class ReplayBuffer:
             for i, name in enumerate(exclude_traj):
                 if name:
                     sims[i, torch.from_numpy(trajs == name)] = -float("inf")
-        top = torch.topk(sims, min(k, len(self.items)), dim=1)
-        return [[self.items[j] for j, v in zip(idx.tolist(), val.tolist()) if v > -float("inf")]
-                for idx, val in zip(top.indices, top.values)]
+        real = torch.tensor([t.source == "real" for t in self.items])
+        nearest_real = sims.masked_fill(~real, -float("inf")).max(dim=1)           # first index on ties
+        m = min(4 * k, len(self.items))
+        top = torch.topk(sims, m, dim=1)
+        out = []
+        for i, row in enumerate(sims):
+            picked = self._distinct(row, k, top.indices[i].tolist(), top.values[i].tolist())
+            j = int(nearest_real.indices[i])
+            if nearest_real.values[i] > -float("inf") and not any(self.items[p].source == "real" for p in picked):
+                key = demo_key(self.items[j])
+                picked = [p for p in picked if demo_key(self.items[p]) != key][:k - 1] + [j]
+                picked.sort(key=lambda p: (-float(row[p]), p))
+            out.append([self.items[p] for p in picked])
+        return out
+
+    def _distinct(self, row: torch.Tensor, k: int, idx: list[int], val: list[float]) -> list[int]:
+        """Up to k indices by decreasing similarity (ties: the older first), one per (query, outcome);
+        looks further down the ranking while repeats fill the candidates."""
+        while True:
+            picked, seen = [], set()
+            for j, v in sorted(zip(idx, val), key=lambda x: (-x[1], x[0])):
+                if v == -float("inf"):
+                    return picked
+                key = demo_key(self.items[j])
+                if key not in seen:
+                    seen.add(key)
+                    picked.append(j)
+                    if len(picked) == k:
+                        return picked
+            if len(idx) == len(self.items):
+                return picked
+            top = torch.topk(row, min(4 * len(idx), len(self.items)))
+            idx, val = top.indices.tolist(), top.values.tolist()
 
     # -- persistence
     def save(self, path: str):
