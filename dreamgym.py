@@ -178,6 +178,8 @@ class Transition:
     success: bool = False
     invalid: bool = False
     truncated: bool = False                         # done only because the step budget ran out
+    model_failed: bool = False                      # M_exp's answer stayed malformed: a failure state it
+                                                    # did not simulate (never stored, never a demo)
     history: list = field(default_factory=list)    # [(action, feedback), ...] before this step
     reasoning: str = ""                             # R*_t (annotated) or the model's own trace
     source: str = "real"                            # real | dream
@@ -249,6 +251,7 @@ class Episode:
     reward: float = 0.0            # outcome reward (sum of step rewards: 1 on success, else 0)
     success: bool = False
     group: int = 0                 # GRPO group id: episodes of the same task in one iteration
+    exp_failed: bool = False       # ended by a failed simulation, not by the agent: left out of the update
 
     @property
     def format_errors(self) -> int:
@@ -311,7 +314,7 @@ class ReplayBuffer:
     Storage: `<path>.jsonl` (one transition a line, appended and fsynced as transitions arrive) and
     `<path>.emb.safetensors` (their embeddings, written with snapshots). A crash can only leave a
     truncated last JSONL line, which `load` drops; embeddings missing for appended rows are
-    recomputed. Eviction (the paper leaves it open): real transitions are never evicted; when the
+    recomputed. A failed simulation (`model_failed`) is never stored. Eviction (the paper leaves it open): real transitions are never evicted; when the
     buffer exceeds `capacity`, the oldest synthetic transitions go first (FIFO), so the buffer
     co-evolves with the agent while staying grounded in real data.
     Retrieval over the whole buffer is one matrix product: at 10^5-10^6 entries on CPU (or when
@@ -350,11 +353,14 @@ class ReplayBuffer:
 
     def _admitted(self, transitions: list[Transition]) -> list[int]:
         """Indices of the transitions that enter: every real one; a synthetic one unless a stored
-        (or earlier in this batch) transition has the same query and outcome."""
-        if all(t.source == "real" for t in transitions):
+        (or earlier in this batch) transition has the same query and outcome; never a failed
+        simulation (a failure state M_exp did not write is no demonstration)."""
+        if all(t.source == "real" and not t.model_failed for t in transitions):
             return list(range(len(transitions)))
         known, keep = {demo_key(t) for t in self.items}, []
         for i, t in enumerate(transitions):
+            if t.model_failed:
+                continue
             if t.source != "real":
                 key = demo_key(t)
                 if key in known:
@@ -989,7 +995,7 @@ class DreamEnv:
         success = reward > 0.5 and done
         tr = Transition(task=self.tasks[i], t=self.steps[i] - 1, state=self.states[i], action=action,
                         next_state=next_state, reward=reward, done=done, success=success, invalid=invalid,
-                        truncated=truncated,
+                        truncated=truncated, model_failed=model_failed,
                         history=list(self.history[i]), reasoning=reasoning, source="dream",
                         iteration=self.iteration, traj=f"dream/{self.iteration}/{self.tasks[i].id}/{i}")
         self.history[i].append((action, feedback_line(next_state)))
@@ -1034,6 +1040,7 @@ def run_episodes(agent: LocalLM, env, tasks: list[Task], params, history: int = 
                                 truncated=bool(r.info.get("truncated")), history=list(hist[i]), source="real",
                                 traj=f"real/{tasks[i].id}/{i}")
             eps[i].transitions.append(tr)
+            eps[i].exp_failed = eps[i].exp_failed or tr.model_failed
             hist[i].append((actions[i] or "", feedback_line(r.state)))
             states[i] = r.state
         live = [i for i in live if not results[i].done]
@@ -1046,10 +1053,19 @@ def make_real_env(spec: str, n: int, invalid_action: str = "fail"):
 
 
 # ============================================================================ 9. RL math
+def learnable(episodes: list[Episode]) -> list[Episode]:
+    """The episodes the policy learns from: not those a failed simulation ended (M_exp could not
+    write the step, so the failure says nothing about the agent's action). GRPO's group statistics
+    are then taken over the remaining rollouts of each group."""
+    return [e for e in episodes if not e.exp_failed]
+
+
 def episode_advantages(episodes: list[Episode], scale: str = "group", device="cpu") -> torch.Tensor:
     """GRPO: outcome reward normalised within each group of rollouts of the same task
     (on a CUDA device: the Triton kernel)."""
     from kernels import grpo_advantages
+    if not episodes:
+        return torch.zeros(0)
     r = torch.tensor([e.reward for e in episodes], dtype=torch.float32, device=device)
     g = torch.tensor([e.group for e in episodes], dtype=torch.int64, device=device)
     return grpo_advantages(r, g, scale=scale).cpu()
@@ -1058,6 +1074,8 @@ def episode_advantages(episodes: list[Episode], scale: str = "group", device="cp
 def turn_gae(episodes: list[Episode], values: list[list[float]], gamma: float, lam: float, device="cpu"):
     """PPO: GAE over an episode's turns, per-turn rewards and critic values -> (adv, returns) per turn."""
     from kernels import gae
+    if not episodes:
+        return [], []
     T = max(len(e.turns) for e in episodes)
     rew = torch.zeros(len(episodes), T)
     val = torch.zeros(len(episodes), T)

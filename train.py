@@ -532,7 +532,9 @@ def set_warmup_lr(opt, cfg: Config):
 
 def update_policy(agent: dg.LocalLM, opt, episodes, cfg: Config, head: ValueHead | None, ref: dg.LocalLM | None):
     """One RL update from a batch of episodes: advantages, then clipped-surrogate steps over
-    `minibatches` token-mean mini-batches (agent tokens only: prompts and env text are masked)."""
+    `minibatches` token-mean mini-batches (agent tokens only: prompts and env text are masked).
+    Episodes ended by a failed simulation take no part (dg.learnable)."""
+    episodes = dg.learnable(episodes)
     dev = next(agent.model.parameters()).device
     if cfg.algo == "grpo":
         adv_ep = dg.episode_advantages(episodes, cfg.adv_scale, dev).tolist()
@@ -664,8 +666,9 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
         upd = update_policy(agent, opt, episodes, cfg, head, ref)
         # keep every rank's buffer and curriculum identical: gather, then apply in rank order
         shared = DIST.gather(([t.to_dict() for e in episodes for t in e.transitions],
-                              {e.task.id: [x.reward for x in episodes if x.group == e.group] for e in episodes},
-                              [(e.reward, e.success, e.format_errors, len(e.turns)) for e in episodes]))
+                              {e.task.id: [x.reward for x in dg.learnable(episodes) if x.group == e.group]
+                               for e in episodes},
+                              [(e.reward, e.success, e.format_errors, len(e.turns), e.exp_failed) for e in episodes]))
         transitions = [dg.Transition.from_dict(d) for rank_tr, _, _ in shared for d in rank_tr]
         summary = [x for _, _, rank_sum in shared for x in rank_sum]
         for _, rewards, _ in shared:
@@ -683,7 +686,8 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
                    generated_tasks=n_generated,
                    invalid_actions=sum(t.invalid for t in transitions),
                    real_transitions=st.real_transitions, dream_transitions=st.dream_transitions,
-                   exp_failed=(exp.stats["failed"] - exp_failed) if exp else 0, secs=round(time.time() - t0, 1),
+                   exp_failed=(exp.stats["failed"] - exp_failed) if exp else 0,
+                   exp_failed_episodes=sum(x[4] for x in summary), secs=round(time.time() - t0, 1),
                    **upd)
         st.iteration += 1
         if phase == "dream" and cfg.taskgen and cfg.lam_tasks > 0 and st.iteration % cfg.taskgen_every == 0:
