@@ -949,9 +949,11 @@ def mix_tasks(real: list[Task], generated: list[Task], n: int, lam: float, rng: 
 # ============================================================================ 8. dream env + rollouts
 class DreamEnv:
     """The experience model behind the batched environment protocol (reset(tasks) / step(actions)):
-    the agent cannot tell it from a real BatchEnv. States come from the model; the admissible set is
-    the `actions:` line of the current (dreamed) state, and an action outside it fails the episode
-    with reward 0 without asking the model, exactly as in the real environment."""
+    the agent cannot tell it from a real BatchEnv. States come from the model; validity is the real
+    environment's own rule (envs.is_admissible: the `actions:` line of the current dreamed state,
+    plus what the task's environment accepts unlisted, such as WebShop's free searches), and an
+    invalid action fails the episode with reward 0 without asking the model, exactly as in the real
+    environment. Success is the real environments' threshold too (envs.is_success)."""
 
     def __init__(self, exp: ExperienceModel, max_steps: int, iteration: int = -1):
         self.exp, self.max_steps, self.iteration = exp, max_steps, iteration
@@ -977,7 +979,7 @@ class DreamEnv:
                 raise ValueError(f"episode {i} is already done")
             self.steps[i] += 1
             listed = parse_state_actions(self.states[i])
-            if a is None or (listed is not None and a not in listed):
+            if a is None or (listed is not None and not envs.is_admissible(self.tasks[i].env, listed, a)):
                 self.stats["invalid"] += 1
                 nxt = replace_feedback(self.states[i], f"Invalid action: {a if a else '(unparseable)'}.")
                 out[i] = self._advance(i, a or "", nxt, 0.0, True, "", invalid=True)
@@ -992,7 +994,7 @@ class DreamEnv:
 
     def _advance(self, i, action, next_state, reward, done, reasoning, invalid=False, model_failed=False,
                  truncated=False):
-        success = reward > 0.5 and done
+        success = done and envs.is_success(reward)
         tr = Transition(task=self.tasks[i], t=self.steps[i] - 1, state=self.states[i], action=action,
                         next_state=next_state, reward=reward, done=done, success=success, invalid=invalid,
                         truncated=truncated, model_failed=model_failed,
