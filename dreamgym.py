@@ -892,7 +892,9 @@ class TaskGenerator:
                     out.append((TASK_SYSTEM, task_prompt(seed), task_target(group[j])))
         return out
 
-    def generate(self, seeds: list[Task], per_seed: int, known_states: set[str]) -> list[Task]:
+    def generate(self, seeds: list[Task], per_seed: int, known_states: set[str], first_seed: int = 0) -> list[Task]:
+        """Up to per_seed variations of each seed. The n-th candidate of the call gets the task seed
+        first_seed + n, so a caller that advances first_seed by stats["candidates"] never repeats an id."""
         if not seeds or per_seed <= 0:
             return []
         prompts = [task_prompt(s) for s in seeds for _ in range(per_seed)]
@@ -917,7 +919,7 @@ class TaskGenerator:
                 self.stats["duplicate"] += 1
                 continue
             seen.add(state)
-            out.append(Task(env=parent.env, fold="generated", seed=self.stats["candidates"],
+            out.append(Task(env=parent.env, fold="generated", seed=first_seed + n,
                             instruction=instruction, init_state=state, parent=parent.id))
         if self.judge and out:
             out = self._judged(out, {s.id: s for s in seeds})
