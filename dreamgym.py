@@ -581,7 +581,7 @@ class TeacherAnnotator:
             return None
         try:
             d = json.loads(m.group(0))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):      # not JSON, an integer too long to convert, nested too deep
             return None
         plan = d.get("transition_plan") if isinstance(d, dict) else None
         tut = d.get("task_tutorial") if isinstance(d, dict) else None
@@ -815,7 +815,7 @@ class ExperienceModel:
             batch = [prompts[i] for i in todo]
             # the retry is seeded by its prompts, so a resumed run retries exactly as the original did
             params, gen = (self.params, None) if attempt == 0 else \
-                (self.retry_params, torch.Generator().manual_seed(zlib.crc32("\n".join(batch).encode())))
+                (self.retry_params, torch.Generator().manual_seed(zlib.crc32("\n".join(batch).encode("utf-8", "surrogatepass"))))
             gens = self.lm.generate(EXP_SYSTEM, batch, params, generator=gen)
             again = []
             for i, g in zip(todo, gens):
