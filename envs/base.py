@@ -79,6 +79,24 @@ def parse_state_actions(state: str) -> list[str] | None:
     return None
 
 
+# ----------------------------------------------------------------------------- validity and success
+# One rule each, shared by the real adapters and the dream (dreamgym.DreamEnv), so the dream never
+# teaches the agent that an action fails when the real environment accepts it, or the reverse.
+def listed_action(listed: list[str], action: str | None) -> bool:
+    """The default validity rule: an action is admissible when the state lists it verbatim.
+    Adapters may widen it with their own `is_admissible(listed, action)` (see envs.is_admissible)."""
+    return action is not None and action in listed
+
+
+SUCCESS_REWARD = 1.0
+
+
+def is_success(reward: float) -> bool:
+    """The task is completed: the outcome reward reaches 1. Every environment pays exactly 1 on
+    success except WebShop, whose purchase score (0..1) counts as success only when perfect."""
+    return reward >= SUCCESS_REWARD
+
+
 def replace_feedback(state: str, feedback: str) -> str:
     lines = state.splitlines()
     if lines and lines[0].startswith("feedback:"):

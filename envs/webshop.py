@@ -12,10 +12,12 @@ lower case, option radios by their value), `search[<query>]` submits the search 
   options), the options on offer, the actions.
 * Tasks: a seed is a WebShop goal index, played in session `<id>_fixed_<seed>` (WebShop's own way to
   fix the goal). Folds follow WebShop's split: test goals 0-499, dev 500-1499, train 1500 on.
-* Reward: WebShop's purchase score (0..1) at the `click[buy now]` step; success = score 1.
+* Reward: WebShop's purchase score (0..1) at the `click[buy now]` step; success = score 1
+  (base.is_success, the threshold the dream uses too).
 * The admissible list names one search, the instruction's request; any other `search[...]` is
-  accepted too where a search box is shown (WebShop is about choosing the query). Anything else
-  unlisted is invalid and fails the episode. No expert: collect with --random/--filtered.
+  accepted too where a search box is shown (WebShop is about choosing the query): `is_admissible`,
+  the rule the dream applies to dreamed WebShop states too. Anything else unlisted is invalid and
+  fails the episode. No expert: collect with --random/--filtered.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import urllib.request
 import uuid
 from html.parser import HTMLParser
 
-from .base import Task, join_items, render_state_lines, replace_feedback
+from .base import Task, is_success, join_items, render_state_lines, replace_feedback
 
 FOLDS = {"test": range(0, 500), "dev": range(500, 1500), "train": range(1500, 12087)}
 MAX_STEPS = 15
@@ -50,6 +52,13 @@ def task_seeds(spec: str, fold: str) -> range:
 
 def max_steps(spec: str) -> int:
     return MAX_STEPS
+
+
+def is_admissible(listed: list[str], action: str | None) -> bool:
+    """Listed, or any `search[<query>]` where the state lists a search (the page has a search box)."""
+    if action is None:
+        return False
+    return action in listed or (_SEARCH.match(action) is not None and any(_SEARCH.match(a) for a in listed))
 
 
 class Page(HTMLParser):
@@ -166,14 +175,13 @@ class WebShopEnv:
         if self.task is None or self.done:
             raise RuntimeError("step() on an episode that is not running; call reset(task) first")
         self.steps += 1
-        search = _SEARCH.match(action or "")
-        if action is None or not (action in self.admissible or (search and self.page.search)):
+        if not is_admissible(self.admissible, action):
             shown = action if action is not None else "(unparseable)"
             self.done = self.invalid_action == "fail" or self.steps >= self.max_steps
             truncated = self.done and self.invalid_action != "fail"      # "step" mode ran out of steps
             self.state = replace_feedback(self.state, f"Invalid action: {shown}.")
             return self.state, 0.0, self.done, self._info(False, True, truncated=truncated)
-        if search:
+        if search := _SEARCH.match(action):
             self.page = self._get("POST", self.page.search, {"search_query": search.group(1)})
         else:
             method, url = self.page.clicks[_CLICK.match(action).group(1)]
@@ -184,7 +192,7 @@ class WebShopEnv:
             self.admissible = []
             self.state = render_state_lines({"feedback": f"bought; score {score:g}", "page": "done",
                                              "you see": "nothing", "options": "none"}, [])
-            return self.state, score, True, self._info(score >= 1.0, False, score)
+            return self.state, score, True, self._info(is_success(score), False, score)
         self._observe(action)
         return self.state, 0.0, self.done, self._info(False, False, truncated=self.done)   # no purchase yet
 

@@ -85,3 +85,88 @@ def test_eviction_drops_oldest_synthetic_never_real():
     assert [t.t for t in buf.items] == [0, 1, 2, 12, 13]
     with pytest.raises(ValueError, match="capacity"):
         buf.add([tr(20 + i, f"r{i}", "a") for i in range(4)])
+
+
+class CountingModel:
+    """A stand-in sentence model: remembers what it was asked to encode."""
+    def __init__(self):
+        self.encoded = []
+
+    def get_embedding_dimension(self):
+        return 4
+
+    def encode(self, texts, **kw):
+        self.encoded += texts
+        return np.array([[len(t), 1.0, 0.0, 0.0] for t in texts], np.float32)
+
+
+def test_encoder_cache_stays_bounded_and_never_loses_a_text():
+    model = CountingModel()
+    enc = dg.Encoder(model=model, cache_size=4)
+    enc(["a", "bb", "ccc"])
+    out = enc(["a", "dddd", "eeeee"])                 # overflows the cache while "a" is a hit
+    assert out[:, 0].tolist() == [1, 4, 5]
+    assert model.encoded == ["a", "bb", "ccc", "dddd", "eeeee"], "a cached text is not encoded again"
+    out = enc([f"x{i}" for i in range(7)] + ["a"])    # more new texts than the cache holds
+    assert out[:, 0].tolist() == [2] * 7 + [1] and len(enc._cache) <= 4
+    n = len(model.encoded)
+    enc(["x6"])
+    assert len(model.encoded) == n, "the most recently used texts are kept"
+    enc(["x0"])
+    assert model.encoded[n:] == ["x0"], "the least recently used ones are dropped"
+
+
+S0 = "feedback: -\nroom: kitchen\nexits: north hallway\nactions: move north | look around"
+
+
+def step(s, a, nxt, source="real", traj="real0", reward=0.0, done=False):
+    return dg.Transition(task=T, t=0, state=s, action=a, next_state=nxt, reward=reward, done=done, source=source,
+                         traj=traj)
+
+
+def key(t):
+    return dg.query_text(t.state, t.action), t.next_state, t.reward, t.done
+
+
+def test_dreamed_copies_never_crowd_out_the_real_transition():
+    """Every rollout of a task starts from the same state: one iteration dreams up to G identical
+    (state, action) steps, which embed exactly like the real one."""
+    buf = dg.ReplayBuffer(BagEncoder())
+    real = step(S0, "move north", "feedback: You go north.\nroom: hallway\nactions: move south")
+    buf.add([real, step("feedback: -\nroom: attic\nactions: jump", "jump", "feedback: ouch\nactions: jump",
+                        traj="real1")])
+    dreamed = "feedback: You cannot go that way.\nroom: kitchen\nactions: move north | look around"
+    buf.add([step(S0, "move north", dreamed, source="dream", traj=f"dream/0/t/{i}") for i in range(8)])
+    assert sum(t.source == "dream" for t in buf.items) == 1, "identical dreamed transitions are stored once"
+    got = buf.retrieve([S0], ["move north"], k=3)[0]
+    assert real in got, "the nearest real transition keeps its slot"
+    assert len({key(t) for t in got}) == len(got), "no two demos with the same query and outcome"
+
+
+def test_retrieval_keeps_a_slot_for_the_nearest_real_transition():
+    buf = dg.ReplayBuffer(BagEncoder())
+    far = step("feedback: -\nroom: attic\nactions: jump", "jump", "feedback: ouch\nactions: jump")
+    buf.add([far])
+    near = [step(S0, "move north", f"feedback: dream {i}\nactions: move north", source="dream", traj=f"d{i}")
+            for i in range(4)]
+    buf.add(near)
+    got = buf.retrieve([S0], ["move north"], k=3)[0]
+    assert got[:2] == near[:2] and got[2] is far, "the nearest dreamed ones, then the nearest real one"
+    assert buf.retrieve([S0], ["move north"], k=3, exclude_traj=[far.traj])[0] == near[:3]
+    only_dreams = dg.ReplayBuffer(BagEncoder())
+    only_dreams.add(near)
+    assert only_dreams.retrieve([S0], ["move north"], k=3)[0] == near[:3]
+
+
+def test_retrieval_skips_repeated_real_transitions_and_dedup_ignores_real_data():
+    """Offline data holds the same step many times (every episode of a task starts alike): all are
+    stored, but the demos show each (query, outcome) once."""
+    buf = dg.ReplayBuffer(BagEncoder())
+    same = [step(S0, "move north", "feedback: You go north.\nactions: move south", traj=f"r{i}") for i in range(5)]
+    other = step(S0, "look around", "feedback: A kitchen.\nactions: move north", traj="r9")
+    buf.add(same + [other])
+    assert len(buf) == 6
+    got = buf.retrieve([S0], ["move north"], k=2)[0]
+    assert got == [same[0], other]
+    buf.add([step(S0, "move north", same[0].next_state, source="dream", traj="d")])
+    assert len(buf) == 6, "a dreamed transition that repeats a stored one adds nothing"

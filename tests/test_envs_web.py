@@ -213,6 +213,81 @@ def test_webshop_search_click_buy_against_the_real_server():
     assert done and info["invalid"] and r == 0.0
 
 
+# WebShop's pages, offline: what the adapter reads from them, and the one validity rule and success
+# threshold that the real adapter and the dream share
+SHOP = {"search": ('<div id="instruction-text"><h4>Instruction:</h4><h4>i need red shoes, and price lower than '
+                   '50.00 dollars</h4></div><form action="/s1/search"><input id="search_input" '
+                   'name="search_query"><button>Search</button></form>'),
+        "results": ('<form action="/s1/back"><button>Back to Search</button></form><a class="product-link" '
+                    'href="/item_page/s1/B01">B01</a><span>Red shoes</span><span>$20.00</span>'),
+        "item": '<form action="/done/s1/B01"><button>Buy Now</button></form><p>Red shoes</p>',
+        "done": '<p>Your score (min 0.0, max 1.0)</p><p>{score}</p>'}
+
+
+def offline_shop(monkeypatch, score):
+    from envs.webshop import Page, WebShopEnv
+
+    def get(self, method, url, form=None):
+        page = ("results" if url.endswith("/search") else "item" if "/item_page/" in url else
+                "done" if "/done/" in url else "search")
+        return Page(SHOP[page].format(score=score), url)
+
+    monkeypatch.setattr(WebShopEnv, "_get", get)
+    return make_env("webshop:http://shop.test")
+
+
+class Scripted:
+    """M_exp writing one fixed answer."""
+    def __init__(self, text):
+        self.text, self.calls = text, 0
+
+    def generate(self, system, users, params, generator=None):
+        from engine import Generation
+        self.calls += len(users)
+        return [Generation(self.text, [], [], "stop") for _ in users]
+
+
+def test_webshop_real_and_dream_share_one_validity_rule(monkeypatch):
+    import dreamgym as dg
+    import envs
+    env = offline_shop(monkeypatch, 1.0)
+    spec = "webshop:http://shop.test"
+    start, info = env.reset(Task("webshop", "test", 0))
+    assert info["admissible"] == ["search[red shoes]"]
+    task = Task(spec, "test", 0, instruction=info["instruction"], init_state=start)
+    lm = Scripted(dg.exp_target("r", start, 0.0, False))
+    for action, valid in [("search[red shoes]", True), ("search[blue socks size 9]", True),
+                          ("click[b01]", False), ("search[]", False), ("buy", False)]:
+        assert envs.is_admissible(spec, info["admissible"], action) is valid, action
+        env.reset(Task("webshop", "test", 0))
+        assert env.step(action)[3]["invalid"] is not valid, action
+        dream = dg.DreamEnv(dg.ExperienceModel(lm, None, k=0), 15)
+        dream.reset([task])
+        assert dream.step({0: action})[0].info["invalid"] is not valid, action
+    env.reset(Task("webshop", "test", 0))
+    state, _, done, info = env.step("search[blue socks]")
+    assert not done and not any(a.startswith("search[") for a in info["admissible"]), "no search box here"
+    assert not envs.is_admissible(spec, info["admissible"], "search[red shoes]")
+    assert env.step("search[red shoes]")[3]["invalid"]
+
+
+@pytest.mark.parametrize("score", [0.75, 1.0])
+def test_webshop_real_and_dream_share_one_success_threshold(monkeypatch, score):
+    import dreamgym as dg
+    env = offline_shop(monkeypatch, score)
+    env.reset(Task("webshop", "test", 0))
+    env.step("search[red shoes]")
+    env.step("click[b01]")
+    final, r, done, info = env.step("click[buy now]")
+    assert done and r == score and info["success"] is (score >= 1.0)
+    before = "feedback: -\npage: item page\nyou see: red shoes\noptions: none\nactions: click[buy now]"
+    task = Task("webshop:http://shop.test", "test", 0, instruction="i need red shoes", init_state=before)
+    dream = dg.DreamEnv(dg.ExperienceModel(Scripted(dg.exp_target("r", final, score, True)), None, k=0), 15)
+    dream.reset([task])
+    res = dream.step({0: "click[buy now]"})[0]
+    assert res.done and res.reward == score and res.info["success"] is info["success"]
+
+
 # ----------------------------------------------------------------------------- WebArena-Lite (real servers)
 def _webarena_missing() -> str | None:
     if importlib.util.find_spec("browsergym") is None or importlib.util.find_spec("browsergym.webarenalite") is None:

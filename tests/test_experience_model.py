@@ -212,3 +212,57 @@ def test_step_budget_truncation_is_not_taught_as_termination():
     assert not env.step({0: "move east"})[0].done
     last = env.step({0: "move east"})[0]
     assert last.done and last.info["transition"].truncated and not last.info["transition"].terminal
+
+
+# ----------------------------------------------------------------------------- failed simulations
+class Garbage:
+    """An M_exp that never writes a well-formed answer."""
+    def generate(self, system, users, params, generator=None):
+        from engine import Generation
+        return [Generation("<state>oops", [], [], "stop") for _ in users]
+
+
+class StubAgent:
+    """An agent that always answers `action`, with fixed token ids."""
+    def __init__(self, action):
+        self.action = action
+
+    def prefix(self, system):
+        return "", [1]
+
+    def user_ids(self, system, user):
+        return [2, 3]
+
+    def generate(self, system, users, params, generator=None):
+        from engine import Generation
+        return [Generation(dg.agent_target("go", self.action), [4, 5], [-0.1, -0.2], "stop") for _ in users]
+
+
+START = Task("coin", "train", 1, init_state="feedback: start\nroom: kitchen\nactions: move east")
+
+
+def test_a_failed_simulation_is_marked_and_never_becomes_a_demo():
+    from test_buffer import BagEncoder
+    env = dg.DreamEnv(dg.ExperienceModel(Garbage(), None, k=0), max_steps=3)
+    env.reset([START])
+    res = env.step({0: "move east"})[0]
+    tr = res.info["transition"]
+    assert res.done and res.reward == 0.0 and tr.model_failed and not tr.invalid and not tr.success
+    assert dg.Transition.from_dict(tr.to_dict()).model_failed
+    old = {k: v for k, v in tr.to_dict().items() if k != "model_failed"}     # a buffer file written before
+    assert dg.Transition.from_dict(old).model_failed is False
+    buf = dg.ReplayBuffer(BagEncoder())
+    buf.add([tr])
+    assert len(buf) == 0, "a failure M_exp did not simulate is no demonstration"
+
+
+def test_episodes_ended_by_a_failed_simulation_are_masked_out_of_grpo():
+    eps = dg.run_episodes(StubAgent("move east"), dg.DreamEnv(dg.ExperienceModel(Garbage(), None, k=0), 3),
+                          [START] * 2, SamplingParams(), groups=[0, 0])
+    assert all(e.exp_failed and len(e.turns) == 1 for e in eps)
+    ok = [dg.Episode(task=START, reward=r, group=0) for r in (1.0, 0.0)]
+    kept = dg.learnable(ok + eps)
+    assert kept == ok, "the agent did not cause these endings"
+    adv = dg.episode_advantages(kept, scale="none").tolist()
+    assert adv == pytest.approx([0.5, -0.5]), "group statistics over the remaining episodes"
+    assert dg.episode_advantages([]).numel() == 0 and dg.turn_gae([], [], 1.0, 0.95) == ([], [])

@@ -24,7 +24,7 @@ def test_full_pipeline_writes_everything(tiny_run):
     rows = [json.loads(x) for x in open(os.path.join(cfg.out, "metrics.jsonl"))]
     rl_rows = [r for r in rows if r.get("stage") == "rl"]
     assert [r["iteration"] for r in rl_rows] == [0, 1]
-    assert all("curve_success" in r for r in rl_rows)
+    assert all("curve_success" in r and r["exp_failed_episodes"] >= 0 for r in rl_rows)
     assert any(r.get("stage") == "taskgen" for r in rows)
     assert os.path.getsize(os.path.join(cfg.out, "curves.png")) > 10_000
     ck = os.path.join(cfg.out, "ckpt")
@@ -32,10 +32,12 @@ def test_full_pipeline_writes_everything(tiny_run):
     assert {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json", "buffer.jsonl",
             "buffer.emb.safetensors"} <= files
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
-    buf = [json.loads(x) for x in open(os.path.join(cfg.out, "buffer.jsonl"))]
+    buf = [dg.Transition.from_dict(json.loads(x)) for x in open(os.path.join(cfg.out, "buffer.jsonl"))]
+    dreamed = [t for t in buf if t.source == "dream"]
     valid_dreamed = rl_rows[-1]["dream_transitions"] - sum(r["invalid_actions"] for r in rl_rows)
-    assert sum(b["source"] == "dream" for b in buf) == valid_dreamed, "valid synthetic transitions enrich the buffer"
-    assert sum(b["source"] == "real" for b in buf) == res["offline_transitions"]
+    assert len(dreamed) <= valid_dreamed, "only valid synthetic transitions enrich the buffer"
+    assert len({dg.demo_key(t) for t in dreamed}) == len(dreamed), "each dreamed (query, outcome) once"
+    assert sum(b.source == "real" for b in buf) == res["offline_transitions"]
 
 
 def test_dream_iteration_changes_the_policy_through_agent_tokens_only(tiny_run):
@@ -57,6 +59,26 @@ def test_dream_iteration_changes_the_policy_through_agent_tokens_only(tiny_run):
     assert stats["agent_tokens"] == sum(len(t.response_ids) for e in eps for t in e.turns)
     changed = [n for n, p in agent.model.named_parameters() if not torch.equal(p, before[n])]
     assert changed, "the policy update must change the agent"
+
+
+def test_update_leaves_out_episodes_ended_by_a_failed_simulation(tiny_run):
+    """M_exp, not the agent, ended them: they take no part in the update (nor in its token count)."""
+    _, cfg, _ = tiny_run
+    agent = train.load_lm(cfg, os.path.join(cfg.out, "agent_warm"), torch.device("cpu"), trainable=True)
+    task = dg.Task("twc", "train", 0)
+
+    def episode(reward, failed, n=3):
+        return dg.Episode(task=task, turns=[dg.Turn([5, 6, 7], [8] * n, [-1.0] * n, reward)], reward=reward,
+                          group=0, exp_failed=failed)
+
+    opt = torch.optim.AdamW([p for p in agent.model.parameters() if p.requires_grad], lr=1e-3)
+    before = {n: p.detach().clone() for n, p in agent.model.named_parameters()}
+    stats = train.update_policy(agent, opt, [episode(1.0, True), episode(0.0, True)], cfg, None, None)
+    assert stats["agent_tokens"] == 0
+    assert all(torch.equal(p, before[n]) for n, p in agent.model.named_parameters())
+    stats = train.update_policy(agent, opt, [episode(1.0, False, 2), episode(0.0, False, 2), episode(0.0, True)],
+                                cfg, None, None)
+    assert stats["agent_tokens"] == 4
 
 
 def _state(cfg):

@@ -145,3 +145,67 @@ def test_rl_lr_warmup_follows_adams_own_step_count():
         train.Config(lr_warmup=-1).validate()
     with pytest.raises(ValueError, match="agent_thoughts"):
         train.Config(agent_thoughts="long").validate()
+
+
+# ----------------------------------------------------------------------------- curriculum rounds
+ROOM = ("feedback: You are in the kitchen.\nroom: kitchen\nyou see: coin\nexits: north pantry\n"
+        "inventory: nothing\nactions: move north | take coin")
+REAL = [Task("coin", "train", s, instruction=f"find coin {s}", init_state=ROOM.replace("kitchen", f"kitchen {s}"))
+        for s in (1, 2, 3)]
+
+
+class TaskLM:
+    """M_task: each candidate is a new variation of its seed (a new room number); the judge says `verdict`."""
+    def __init__(self, verdict="yes"):
+        self.verdict, self.seeds, self.judged, self.n = verdict, [], 0, 0
+
+    def generate(self, system, users, params, generator=None):
+        from engine import Generation
+        out = []
+        for u in users:
+            if u.startswith("Is this new task"):
+                self.judged += 1
+                out.append(self.verdict)
+                continue
+            self.n += 1
+            instruction = u.split("<task>")[1].split("</task>")[0]
+            self.seeds.append(instruction)
+            out.append(dg.task_target(Task("coin", instruction=instruction + " again",
+                                           init_state=ROOM.replace("kitchen", f"hall {self.n}"))))
+        return [Generation(t, [], [], "stop") for t in out]
+
+
+def curriculum_round(st, rewards, lm, **cfg):
+    import train
+    rows = []
+    st.task_rewards.update(rewards)
+    train.curriculum(train.Config(exp_model="any/hf-model", taskgen_seeds=2, taskgen_per_seed=1, **cfg), st,
+                     type("Exp", (), {"lm": lm})(), REAL, lambda **row: rows.append(row))
+    return rows[-1]
+
+
+def test_curriculum_seeds_on_recent_variance_generated_tasks_included():
+    import train
+    st, lm = train.RLState(), TaskLM()
+    a, b, c = (t.id for t in REAL)
+    row = curriculum_round(st, {a: [1, 1], b: [0, 0], c: [1, 0, 0, 0]}, lm)
+    assert row["accepted"] == 1 and lm.seeds == ["find coin 3"], "the seed with reward variance, not the first"
+    first = Task.from_dict(st.generated[0])
+    assert first.parent == c and st.task_rewards == {}, "a round's seeds come from the groups played since the last"
+    assert curriculum_round(st, {a: [1, 1, 1, 1]}, lm)["accepted"] == 0, "old variance is forgotten"
+    row = curriculum_round(st, {c: [0, 1], first.id: [1, 0]}, lm)
+    assert row["accepted"] == 2 and lm.seeds[1:] == ["find coin 3", "find coin 3 again"]
+    gen = [Task.from_dict(d) for d in st.generated]
+    assert gen[-1].parent == first.id, "a generated task seeds later rounds"
+    assert len({t.id for t in gen}) == len(gen) == 3, "generated task ids are unique across rounds"
+
+
+def test_curriculum_task_judge_can_be_switched_on():
+    import train
+    assert train.Config().taskgen_judge is False
+    st, lm = train.RLState(), TaskLM(verdict="no")
+    row = curriculum_round(st, {REAL[0].id: [1, 0]}, lm, taskgen_judge=True)
+    assert lm.judged == 1 and row["accepted"] == 0 and row["judged_out"] == 1
+    lm = TaskLM(verdict="yes")
+    assert curriculum_round(train.RLState(), {REAL[0].id: [1, 0]}, lm, taskgen_judge=True)["accepted"] == 1
+    assert lm.judged == 1
