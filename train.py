@@ -104,7 +104,9 @@ class Config:
     gamma: float = 1.0                # PPO / GAE over turns
     gae_lambda: float = 0.95          # GAE lambda (PPO)
     vf_coef: float = 0.5              # weight of the critic's loss (PPO)
-    max_grad_norm: float = 1.0        # gradient-norm clip of each optimizer step
+    max_grad_norm: float = 1.0        # gradient-norm clip of each optimizer step (PPO: the policy's and the critic's each)
+    norm_adv: bool = True             # PPO: whiten advantages over the iteration's agent turns (mean 0, std 1)
+    recompute_logprobs: str = "auto"  # old log-probs by a training forward: auto (when the dtype is not float32) | always | never
     max_tokens: int = 8192            # tokens per micro-batch in updates and SFT
     # --- curriculum task generation
     taskgen: bool = True              # ablation: --taskgen false
@@ -142,6 +144,9 @@ class Config:
              "(or pass --keep_best false)"),
             (self.minibatches >= 1 and self.update_epochs >= 1, "minibatches, update_epochs >= 1"),
             (self.lr > 0 and self.lr_warmup >= 0, "lr > 0 and lr_warmup >= 0"),
+            (self.temperature > 0, f"--temperature {self.temperature}: RL samples its rollouts and divides the "
+                                   f"logits by it, so it must be > 0 (evaluation is greedy on its own)"),
+            (self.recompute_logprobs in ("auto", "always", "never"), "recompute_logprobs must be auto, always or never"),
             (self.k >= 0 and self.history >= 0, "k and history must be >= 0"),
             (self.agent_init in ("exp", "scratch"), "agent_init must be exp or scratch"),
             (self.annotator == "rule" or (self.annotator == "teacher" and self.teacher_model),
@@ -520,9 +525,48 @@ def set_warmup_lr(opt, cfg: Config):
         g["lr"] = cfg.lr * min(1.0, (done + 1) / max(1, cfg.lr_warmup))
 
 
+def agent_dtype(agent: dg.LocalLM) -> torch.dtype:
+    """The dtype the update's log-probs are computed in (the output embeddings')."""
+    base = agent.model.get_base_model() if hasattr(agent.model, "get_base_model") else agent.model
+    return base.get_output_embeddings().weight.dtype
+
+
+def recompute_old_logprobs(cfg: Config, agent: dg.LocalLM) -> bool:
+    return cfg.recompute_logprobs == "always" or (cfg.recompute_logprobs == "auto" and agent_dtype(agent) != torch.float32)
+
+
+def old_logprobs(agent: dg.LocalLM, turns: list[dg.Turn], cfg: Config) -> list[list[float]]:
+    """Each turn's response log-probs under the current weights by the update's own forward (train
+    mode, no grad): the ratio's old policy. The sampler computes them in float32 exactly; in bf16 its
+    decode kernels and the training forward round differently, and the ratio must start at 1."""
+    dev = next(agent.model.parameters()).device
+    out = [None] * len(turns)
+    agent.model.train()
+    with torch.no_grad():
+        for mb in dg.token_batches(turns, [len(t.prompt_ids) + len(t.response_ids) for t in turns], cfg.max_tokens):
+            batch = dg.pack([(turns[i].prompt_ids, turns[i].response_ids) for i in mb], agent.tokenizer.pad_token_id, dev)
+            lp = dg.response_logprobs(agent.model, batch, cfg.temperature)[0].float().tolist()
+            n = 0
+            for i in mb:
+                out[i], n = lp[n:n + len(turns[i].response_ids)], n + len(turns[i].response_ids)
+    return out
+
+
+def whiten(values: list[float]) -> list[float]:
+    """Mean 0, std 1 over every rank's values (CleanRL's / verl's advantage normalisation)."""
+    every = torch.tensor([x for vs in DIST.gather(values) for x in vs], dtype=torch.float64)
+    if len(every) < 2:
+        return [0.0] * len(values)
+    mean, std = every.mean().item(), every.std().item()
+    return [(x - mean) / (std + 1e-8) for x in values]
+
+
 def update_policy(agent: dg.LocalLM, opt, episodes, cfg: Config, head: ValueHead | None, ref: dg.LocalLM | None):
     """One RL update from a batch of episodes: advantages, then clipped-surrogate steps over
-    `minibatches` token-mean mini-batches (agent tokens only: prompts and env text are masked)."""
+    `minibatches` token-mean mini-batches (agent tokens only: prompts and env text are masked).
+    PPO: advantages whitened over the iteration's agent turns (norm_adv), and the policy's and the
+    critic's gradients clipped each to max_grad_norm, so the critic's size never shrinks the policy's
+    step. Old log-probs are the sampler's, or the update's own forward's (recompute_logprobs)."""
     dev = next(agent.model.parameters()).device
     if cfg.algo == "grpo":
         adv_ep = dg.episode_advantages(episodes, cfg.adv_scale, dev).tolist()
@@ -533,10 +577,17 @@ def update_policy(agent: dg.LocalLM, opt, episodes, cfg: Config, head: ValueHead
                                           cfg.gae_lambda, dev)
     items = [(t, a, (r[j] if ret_turn else 0.0)) for e, advs, r in zip(episodes, adv_turn, ret_turn or adv_turn)
              for j, (t, a) in enumerate(zip(e.turns, advs)) if t.response_ids]
-    params = [p for p in agent.model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
-    stats = dict(loss=0.0, clipfrac=0.0, entropy=0.0, vloss=0.0, tokens=0)
+    if cfg.algo == "ppo" and cfg.norm_adv:
+        items = [(t, a, r) for (t, _, r), a in zip(items, whiten([a for _, a, _ in items]))]
+    recompute = recompute_old_logprobs(cfg, agent)
+    olds = old_logprobs(agent, [t for t, _, _ in items], cfg) if recompute else [t.logprobs for t, _, _ in items]
+    policy = [p for p in agent.model.parameters() if p.requires_grad]
+    critic = list(head.parameters()) if head else []
+    stats = dict(loss=0.0, clipfrac=0.0, entropy=0.0, vloss=0.0, tokens=0, grad_norm=0.0, vf_grad_norm=0.0, steps=0,
+                 ratio_dev=0.0, first_tokens=0, approx_kl=0.0, ref_kl=0.0)
     rng = random.Random(cfg.seed * 100003 + len(items))
     agent.model.train()
+    first = True                          # the first mini-batch: no step yet, so the ratio must be 1
     for _ in range(cfg.update_epochs):
         order = list(range(len(items)))
         rng.shuffle(order)
@@ -548,7 +599,7 @@ def update_policy(agent: dg.LocalLM, opt, episodes, cfg: Config, head: ValueHead
                 sel = [items[mb_items[j]] for j in mb]
                 batch = dg.pack([(t.prompt_ids, t.response_ids) for t, _, _ in sel], agent.tokenizer.pad_token_id, dev)
                 logp, ent, values = dg.response_logprobs(agent.model, batch, cfg.temperature, head)
-                old = torch.tensor([x for t, _, _ in sel for x in t.logprobs], device=dev)
+                old = torch.tensor([x for j in mb for x in olds[mb_items[j]]], device=dev)
                 adv = torch.tensor([a for t, a, _ in sel for _ in t.response_ids], device=dev)
                 ref_logp = None
                 if ref is not None and cfg.beta > 0:
@@ -562,21 +613,41 @@ def update_policy(agent: dg.LocalLM, opt, episodes, cfg: Config, head: ValueHead
                     loss = loss + cfg.vf_coef * vloss
                     stats["vloss"] += vloss.item()
                 loss.backward()
+                with torch.no_grad():
+                    log_ratio = logp.detach().float() - old
+                    if first:
+                        stats["ratio_dev"] += (log_ratio.exp() - 1).abs().sum().item()
+                        stats["first_tokens"] += len(adv)
+                    stats["approx_kl"] += (log_ratio.exp() - 1 - log_ratio).sum().item()
+                    if ref_logp is not None:
+                        d = ref_logp.float() - logp.detach().float()
+                        stats["ref_kl"] += (d.exp() - d - 1).sum().item()
                 stats["loss"] += loss.item()
                 stats["clipfrac"] += clipped.float().sum().item()
                 stats["entropy"] += ent.detach().sum().item()
                 stats["tokens"] += len(adv)
+            first = False
             if n_tok == 0:
                 continue
-            DIST.sum_grads(params)
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            DIST.sum_grads(policy + critic)
+            stats["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(policy, cfg.max_grad_norm))
+            if critic:
+                stats["vf_grad_norm"] += float(torch.nn.utils.clip_grad_norm_(critic, cfg.max_grad_norm))
+            stats["steps"] += 1
             set_warmup_lr(opt, cfg)
             opt.step()
             opt.zero_grad(set_to_none=True)
     agent.model.eval()
-    n = max(1, stats["tokens"])
-    return dict(loss=stats["loss"] / cfg.update_epochs, clipfrac=stats["clipfrac"] / n, entropy=stats["entropy"] / n,
-                vloss=stats["vloss"] / cfg.update_epochs, agent_tokens=sum(len(t.response_ids) for t, _, _ in items))
+    n, steps = max(1, stats["tokens"]), max(1, stats["steps"])
+    out = dict(loss=stats["loss"] / cfg.update_epochs, clipfrac=stats["clipfrac"] / n, entropy=stats["entropy"] / n,
+               vloss=stats["vloss"] / cfg.update_epochs, agent_tokens=sum(len(t.response_ids) for t, _, _ in items),
+               grad_norm=stats["grad_norm"] / steps, ratio_dev=stats["ratio_dev"] / max(1, stats["first_tokens"]),
+               approx_kl=stats["approx_kl"] / n, logprobs_recomputed=recompute)
+    if head is not None:
+        out["vf_grad_norm"] = stats["vf_grad_norm"] / steps
+    if ref is not None and cfg.beta > 0:
+        out["ref_kl"] = stats["ref_kl"] / n
+    return out
 
 
 def iteration_tasks(cfg: Config, st: RLState, real: list[Task], rng: random.Random, phase: str):

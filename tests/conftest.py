@@ -28,3 +28,17 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
     cfg = tiny_cfg(root, "a")
     return root, cfg, train.run(cfg)
+
+
+@pytest.fixture(scope="session")
+def small_agent_dir(tmp_path_factory):
+    """A random tiny-s agent (tokenizer trained on the agent's own formats): for update-step tests."""
+    import dreamgym as dg
+    import models
+    d = tmp_path_factory.mktemp("small")
+    texts = [dg.AGENT_SYSTEM] + [dg.agent_prompt("put the apple in the fridge", [("go north", "You go north.")],
+                                                 f"room: kitchen {i}\nactions: take apple | open fridge") +
+                                 dg.agent_target("the apple goes in the fridge", "take apple") for i in range(50)]
+    models.train_tokenizer(texts, str(d / "tok"), vocab_size=400)
+    models.create_tiny(str(d / "m"), str(d / "tok"), preset="tiny-s", seed=0, max_len=512)
+    return str(d / "m")
