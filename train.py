@@ -33,8 +33,9 @@ from engine import SamplingParams
 from envs import Task
 from envs.collect import collect, print_summary, read_jsonl, write_jsonl
 from models import ModelSpec, create_tiny, load_model, save_model, train_tokenizer
-from runtime import (DIST, Log, device_of, exit_on_sigterm, fingerprint, format_table, load_agent_weights,
-                     load_checkpoint, plot_curves, save_agent, save_checkpoint, seed_all, write_json)
+from runtime import (DIST, Log, crash_point, device_of, exit_on_sigterm, fingerprint, format_table,
+                     latest_checkpoint, load_agent_weights, load_checkpoint, plot_curves, save_agent, save_checkpoint,
+                     seed_all, write_json)
 
 
 @dataclass
@@ -667,7 +668,8 @@ def curriculum(cfg: Config, st: RLState, exp: dg.ExperienceModel, real: list[Tas
     vocab = {w for t in real for w in dg.task_words(t.instruction + " " + t.init_state)} if tiny else None
     gen = dg.TaskGenerator(exp.lm, vocabulary=vocab)
     known = {t.init_state for t in real} | {d["init_state"] for d in st.generated}
-    new = gen.generate(seeds, cfg.taskgen_per_seed, known)
+    new = gen.generate(seeds, cfg.taskgen_per_seed, known,   # its own seeded sampler: resumes exactly on any device
+                       generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + st.iteration))
     keep = max(cfg.tasks_per_iter * 4, 1)                # a bounded pool of the freshest variations
     st.generated = (st.generated + [t.to_dict() for t in new])[-keep:]
     log(stage="taskgen", iteration=st.iteration, seeds=len(seeds), accepted=len(new),
@@ -697,13 +699,12 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     st, rng = RLState(), random.Random(cfg.seed + 7)          # rng: the same task draws on every rank
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * DIST.rank)   # each rank samples its own rollouts
-    if os.path.exists(ckdir):
-        if not cfg.resume:
-            raise ValueError(f"{cfg.out} already holds a checkpoint: pass --resume to continue it, "
-                             f"or choose a new --out")
-        st = RLState(**load_checkpoint(ckdir, agent, opt, head, buffer, rng, gen))
+    if (ck := resume_point(cfg)) is not None:      # the checkpoint (its buffer snapshot included) is the truth
+        st = RLState(**load_checkpoint(ck, agent, opt, head, buffer, rng, gen))
         log.truncate_after(st.iteration)
-        print(f"resumed from {ckdir} at iteration {st.iteration}")
+        print(f"resumed from {ck} at iteration {st.iteration}")
+    else:
+        restart_rl(buffer, log)
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=64, stop=(dg.AGENT_STOP,))
     max_steps = envs.max_steps(cfg.env)
     if cfg.keep_best and eval_fn is not None and st.best_iteration < 0:      # the warm start: iteration 0
@@ -736,6 +737,7 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
             st.dream_transitions += len(transitions)
             if cfg.add_to_buffer and buffer is not None:
                 buffer.add([t for t in transitions if not t.invalid])
+                crash_point("rl.buffer_add")
         row = dict(stage="rl", iteration=st.iteration, phase=phase,
                    reward=float(np.mean([x[0] for x in summary])), success=float(np.mean([x[1] for x in summary])),
                    format_error=sum(x[2] for x in summary) / max(1, sum(x[3] for x in summary)),
@@ -755,11 +757,69 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
             if cfg.keep_best:
                 keep_if_best(cfg, st, agent, row["curve_success"])
         log(**row)
+        crash_point("rl.logged")
         bar.update(1)
         if st.iteration % cfg.ckpt_every == 0 or next_phase(cfg, st) is None:
             save_checkpoint(ckdir, agent, opt, head, buffer, dataclasses.asdict(st), rng, gen)
     bar.close()
     return st
+
+
+def rl_traces(run_dir: str) -> dict[str, int]:
+    """Traces of RL iterations in a run folder, whatever its checkpoints say: {where: the highest
+    iteration seen} for metrics.jsonl's RL rows and buffer.jsonl's dreamed transitions."""
+    out = {}
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        its = [r["iteration"] for r in Log(path).rows() if r.get("stage") == "rl"]
+        if its:
+            out["metrics.jsonl"] = max(its)
+    path = os.path.join(run_dir, "buffer.jsonl")
+    if os.path.exists(path):
+        its = []
+        with open(path) as f:
+            for line in f:                    # real rows are most of it: skip them unparsed
+                if line.strip() and '"source": "real"' not in line:
+                    try:
+                        its.append(json.loads(line).get("iteration", 0))
+                    except json.JSONDecodeError:  # a write cut short by a kill; load drops it
+                        pass
+        if its:
+            out["buffer.jsonl"] = max(its)
+    return out
+
+
+def resume_point(cfg: Config) -> str | None:
+    """The checkpoint RL continues from (None: RL starts at iteration 0). A run folder that cannot be
+    continued exactly raises ValueError (one line): RL progress without --resume, a damaged
+    checkpoint pointer, or RL iterations past the first checkpoint's but no checkpoint. Traces of an
+    unfinished first checkpoint interval alone are dropped by restart_rl (the run restarts exactly)."""
+    ck = latest_checkpoint(cfg.out)
+    traces = rl_traces(cfg.out)
+    if (ck or traces) and not cfg.resume:
+        raise ValueError(f"--out {cfg.out} already holds {'a checkpoint' if ck else 'RL progress'}: "
+                         f"pass --resume to continue it, or choose a new --out")
+    if ck is None and traces and max(traces.values()) >= cfg.ckpt_every:
+        seen = ", ".join(f"{k} up to iteration {v}" for k, v in traces.items())
+        raise ValueError(f"--resume: {cfg.out} holds RL progress ({seen}) but no checkpoint in "
+                         f"{os.path.join(cfg.out, 'ckpt')}: it cannot continue exactly; choose a new --out")
+    return ck
+
+
+def restart_rl(buffer, log: Log):
+    """RL starts at iteration 0: what a run killed before its first checkpoint left (dreamed
+    transitions in the buffer, its RL/curve metrics rows) is dropped, so the restart is exact."""
+    dropped = 0
+    if buffer is not None and any(t.source != "real" for t in buffer.items):
+        keep = [i for i, t in enumerate(buffer.items) if t.source == "real"]
+        dropped = len(buffer.items) - len(keep)
+        buffer.items, buffer.emb = [buffer.items[i] for i in keep], buffer.emb[keep]
+        if buffer.path and DIST.main:
+            buffer.save(buffer.path)
+    rows = log.truncate_after(0)
+    if dropped or rows:
+        print(f"no checkpoint yet: RL restarts at iteration 0 (dropped {dropped} dreamed transitions and "
+              f"{rows} metrics rows of the unfinished first iterations)")
 
 
 def keep_if_best(cfg: Config, st: RLState, agent, success: float | None):

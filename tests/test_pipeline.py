@@ -13,7 +13,8 @@ import torch
 
 import dreamgym as dg
 import train
-from conftest import tiny_cfg
+from conftest import assert_same_run, run_state, tiny_cfg, toy_signal
+
 
 
 def test_full_pipeline_writes_everything(tiny_run):
@@ -32,6 +33,7 @@ def test_full_pipeline_writes_everything(tiny_run):
     assert {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json", "buffer.jsonl",
             "buffer.emb.safetensors"} <= files
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
+    assert open(os.path.join(ck, "latest")).read().strip() == f"{cfg.iterations:06d}"
     buf = [json.loads(x) for x in open(os.path.join(cfg.out, "buffer.jsonl"))]
     valid_dreamed = rl_rows[-1]["dream_transitions"] - sum(r["invalid_actions"] for r in rl_rows)
     assert sum(b["source"] == "dream" for b in buf) == valid_dreamed, "valid synthetic transitions enrich the buffer"
@@ -59,48 +61,34 @@ def test_dream_iteration_changes_the_policy_through_agent_tokens_only(tiny_run):
     assert changed, "the policy update must change the agent"
 
 
-def _state(cfg):
-    out = {}
-    st = json.load(open(os.path.join(cfg.out, "ckpt", "state.json")))
-    out["rl"] = st["rl"]
-    from safetensors.torch import load_file
-    out["weights"] = load_file(os.path.join(cfg.out, "ckpt", "agent", "model.safetensors"))
-    out["buffer"] = open(os.path.join(cfg.out, "buffer.jsonl")).read()
-    out["metrics"] = [{k: v for k, v in json.loads(x).items() if k != "secs"}
-                      for x in open(os.path.join(cfg.out, "metrics.jsonl")) if '"stage": "rl"' in x]
-    return out
-
-
-def test_resume_after_a_crash_reaches_the_same_state(tiny_run, monkeypatch):
-    root, first, _ = tiny_run
-    shared = dict(exp_ckpt=os.path.join(first.out, "exp_model"), warm_ckpt=os.path.join(first.out, "agent_warm"),
-                  iterations=3, eval_every=0)
-    straight = tiny_cfg(root, "straight", **shared)
-    train.run(straight)
-
-    crashed = tiny_cfg(root, "crashed", **shared)
+def _crash_in_iteration(monkeypatch, n: int):
+    """update_policy raises in the n-th iteration (a crash mid-iteration, checkpoint of n - 1 kept)."""
     real_update, calls = train.update_policy, []
 
-    def dies_in_iteration_two(*a, **k):
+    def dies(*a, **k):
         calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated kill in the middle of iteration 2")
+        if len(calls) == n:
+            raise KeyboardInterrupt(f"simulated kill in the middle of iteration {n}")
         return real_update(*a, **k)
+    monkeypatch.setattr(train, "update_policy", dies)
+    return real_update
 
-    monkeypatch.setattr(train, "update_policy", dies_in_iteration_two)
+
+def test_resume_after_a_crash_reaches_the_same_state(straight_run, monkeypatch):
+    root, shared, straight = straight_run
+    crashed = tiny_cfg(root, "crashed", **shared)
+    toy_signal(monkeypatch.setattr)
+    real_update = _crash_in_iteration(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train.run(crashed)
-    assert json.load(open(os.path.join(crashed.out, "ckpt", "state.json")))["rl"]["iteration"] == 1
+    assert run_state(crashed.out)["rl"]["iteration"] == 1
     monkeypatch.setattr(train, "update_policy", real_update)
     train.run(tiny_cfg(root, "crashed", resume=True, **shared))
-
-    a, b = _state(straight), _state(crashed)
-    assert a["rl"] == b["rl"]
-    assert a["metrics"] == b["metrics"]
-    assert a["buffer"] == b["buffer"]
-    assert a["weights"].keys() == b["weights"].keys()
-    for k in a["weights"]:
-        assert torch.equal(a["weights"][k], b["weights"][k]), k
+    a, b = run_state(straight.out), run_state(crashed.out)
+    assert_same_run(a, b)
+    warm = train.load_lm(straight, shared["warm_ckpt"], torch.device("cpu"), trainable=False)
+    w = a["tensors"]["agent/model.safetensors/model.embed_tokens.weight"]
+    assert not torch.equal(w, warm.model.model.embed_tokens.weight), "the rewarded run must change the agent"
 
 
 def test_keep_best_selects_on_the_curve_fold_and_reports_that_agent(tiny_run, tmp_path):
@@ -184,11 +172,11 @@ def test_table_s2r_continues_the_dream_run_exactly(tiny_run, tmp_path):
     assert secs(reused) == secs(str(tmp_path / "table" / "seed0" / "DreamGym-GRPO")), "the dream phase was not redone"
     alone = tiny_cfg(root, "s2r_alone", mode="s2r", **shared)
     train.run(alone)
-    a, b = _state(alone), _state(train.Config(**{**dataclasses.asdict(alone), "out": reused}))
-    assert a["rl"] == b["rl"] and a["rl"]["phase"] == "real" and a["rl"]["real_transitions"] >= 6
-    assert a["metrics"] == b["metrics"]
-    for k in a["weights"]:
-        assert torch.equal(a["weights"][k], b["weights"][k]), k
+    a, b = run_state(alone.out), run_state(reused)
+    assert a["rl"]["phase"] == "real" and a["rl"]["real_transitions"] >= 6
+    assert a["rl"] == b["rl"] and a["metrics"] == b["metrics"] and a["tensors"].keys() == b["tensors"].keys()
+    for k in a["tensors"]:
+        assert torch.equal(a["tensors"][k], b["tensors"][k]), k
 
 
 def test_fidelity_retrieves_from_the_offline_real_data_only(tiny_run, monkeypatch):
