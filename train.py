@@ -20,7 +20,9 @@ import math
 import os
 import random
 import re
+import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +34,7 @@ import envs
 from engine import SamplingParams
 from envs import Task
 from envs.collect import collect, print_summary, read_jsonl, write_jsonl
-from models import ModelSpec, create_tiny, load_model, save_model, train_tokenizer
+from models import ModelSpec, create_tiny, load_model, model_name_problem, save_model, train_tokenizer
 from runtime import (DIST, Log, crash_point, device_of, exit_on_sigterm, fingerprint, format_table,
                      latest_checkpoint, load_agent_weights, load_checkpoint, plot_curves, save_agent, save_checkpoint,
                      seed_all, write_json)
@@ -203,13 +205,57 @@ def parse_args(argv=None) -> Config:
         try:
             p.set_defaults(**load_config_file(given.config))
         except ValueError as e:
-            p.error(str(e))
+            fail(e)
     args = vars(p.parse_args(argv))
     args.pop("config")
     try:
         return Config(**args).validate()
     except ValueError as e:
-        p.error(str(e))
+        fail(e)
+
+
+def fail(msg):
+    """A bad input ends the program at once: one line on stderr, exit code 2 (as argparse does), no
+    traceback (tracebacks are for bugs)."""
+    sys.stderr.write(f"{os.path.basename(sys.argv[0]) or 'train.py'}: error: {msg}\n")
+    raise SystemExit(2)
+
+
+def _writable(path: str) -> bool:
+    """path is a writable folder, or could be created as one (its nearest existing parent is)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def preflight(cfg: Config):
+    """Every path, model name, endpoint and resume state checked before any work (the env spec is
+    Config.validate's): a bad one raises ValueError naming the flag, in one line. Nothing is written."""
+    names = [("agent_model", cfg.agent_model), ("exp_model", cfg.exp_model)]
+    if cfg.annotator == "teacher" and not cfg.teacher_endpoint:
+        names.append(("teacher_model", cfg.teacher_model))
+    for flag, name in names:
+        if (why := model_name_problem(name)) is not None:
+            raise ValueError(f"--{flag} {name}: {why}")
+    for flag in ("exp_ckpt", "warm_ckpt"):
+        path = getattr(cfg, flag)
+        if path and not os.path.isdir(path):
+            raise ValueError(f"--{flag} {path}: no such folder")
+        if path and not is_checkpoint(path):
+            raise ValueError(f"--{flag} {path}: holds no saved model (config.json or adapter_config.json)")
+    for flag in ("exp_endpoint", "teacher_endpoint"):
+        url = getattr(cfg, flag)
+        parts = urllib.parse.urlparse(url)
+        if url and (parts.scheme not in ("http", "https") or not parts.netloc):
+            raise ValueError(f"--{flag} {url}: not an http(s) URL such as http://localhost:8000/v1")
+    for flag in ("data_dir", "out"):
+        path = getattr(cfg, flag)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"--{flag} {path}: exists and is not a folder")
+        if not _writable(path):
+            raise ValueError(f"--{flag} {path}: not writable")
+    resume_point(cfg)
 
 
 # ============================================================================ stage 1: offline data
@@ -876,6 +922,7 @@ def offline_path(cfg: Config) -> str:
 
 def run(cfg: Config) -> dict:
     """The whole pipeline for one config; returns the results (also written to results.json)."""
+    preflight(cfg)
     DIST.setup()
     os.makedirs(cfg.out, exist_ok=True)
     if DIST.main:
@@ -932,6 +979,10 @@ def run(cfg: Config) -> dict:
 def main(argv=None):
     exit_on_sigterm()
     cfg = parse_args(argv)
+    try:
+        preflight(cfg)
+    except ValueError as e:
+        fail(e)
     t0 = time.time()
     res = run(cfg)
     if not DIST.main:

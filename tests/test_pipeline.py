@@ -6,6 +6,9 @@ run resumes to exactly the state an uninterrupted run reaches.
 """
 import json
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ import dreamgym as dg
 import train
 from conftest import assert_same_run, run_state, tiny_cfg, toy_signal
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_full_pipeline_writes_everything(tiny_run):
@@ -89,6 +93,33 @@ def test_resume_after_a_crash_reaches_the_same_state(straight_run, monkeypatch):
     warm = train.load_lm(straight, shared["warm_ckpt"], torch.device("cpu"), trainable=False)
     w = a["tensors"]["agent/model.safetensors/model.embed_tokens.weight"]
     assert not torch.equal(w, warm.model.model.embed_tokens.weight), "the rewarded run must change the agent"
+
+
+def test_bad_input_ends_the_run_at_once_in_one_line(tmp_path):
+    out, data = tmp_path / "out", tmp_path / "data"
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "train.py", "--agent_model", "/nonexistent/model", "--out", str(out),
+                           "--data_dir", str(data)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and time.time() - t0 < 120
+    lines = [x for x in proc.stderr.splitlines() if x.strip() and "Warning" not in x and "warn(" not in x]
+    assert len(lines) == 1 and lines[0].startswith(
+        "train.py: error: --agent_model /nonexistent/model: no such folder and not a known model name"), proc.stderr
+    assert not data.exists() and not out.exists(), "nothing collected, nothing written"
+    ok = dict(out=str(out), data_dir=str(data))
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    for bad, flag in [(dict(exp_model="tiny-xl"), "--exp_model tiny-xl"),
+                      (dict(exp_ckpt=str(tmp_path / "nope")), "--exp_ckpt"),
+                      (dict(warm_ckpt=str(tmp_path / "empty")), "--warm_ckpt"),
+                      (dict(exp_endpoint="localhost:8000", exp_endpoint_model="m"), "--exp_endpoint"),
+                      (dict(data_dir=str(tmp_path / "file" / "d")), "--data_dir"),
+                      (dict(annotator="teacher", teacher_model="no/such-model"), "--teacher_model")]:
+        with pytest.raises(ValueError, match=flag):
+            train.preflight(train.Config(**{**ok, **bad}).validate())
+    train.preflight(train.Config(**ok, exp_endpoint="http://localhost:8000/v1", exp_endpoint_model="m").validate())
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--temperature", "0"])
+    assert e.value.code == 2
 
 
 def test_keep_best_selects_on_the_curve_fold_and_reports_that_agent(tiny_run, tmp_path):
