@@ -95,6 +95,56 @@ def test_resume_after_a_crash_reaches_the_same_state(straight_run, monkeypatch):
     assert not torch.equal(w, warm.model.model.embed_tokens.weight), "the rewarded run must change the agent"
 
 
+def test_ppo_iteration_end_to_end_and_its_exact_resume(tiny_run, monkeypatch):
+    """PPO in the dream: value head, GAE in the update, its checkpoint, and an exact resume."""
+    root, first, _ = tiny_run
+    shared = dict(exp_ckpt=os.path.join(first.out, "exp_model"), warm_ckpt=os.path.join(first.out, "agent_warm"),
+                  iterations=2, eval_every=0, algo="ppo", taskgen=False)
+    toy_signal(monkeypatch.setattr)
+    straight = tiny_cfg(root, "ppo_straight", **shared)
+    train.run(straight)
+    a = run_state(straight.out)
+    head = a["tensors"]["value_head.safetensors/proj.weight"]
+    assert head.abs().sum() > 0, "the critic learned from the returns"
+    rows = a["metrics"]
+    assert all(r["vloss"] > 0 and r["vf_grad_norm"] > 0 and r["grad_norm"] > 0 for r in rows if r["stage"] == "rl")
+    crashed = tiny_cfg(root, "ppo_crashed", **shared)
+    real_update = _crash_in_iteration(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(crashed)
+    monkeypatch.setattr(train, "update_policy", real_update)
+    train.run(tiny_cfg(root, "ppo_crashed", resume=True, **shared))
+    assert_same_run(a, run_state(crashed.out))
+
+
+def test_real_mode_stops_at_its_budget_resumes_exactly_and_curves_use_the_curve_fold(tiny_run, monkeypatch):
+    root, first, _ = tiny_run
+    shared = dict(exp_ckpt=os.path.join(first.out, "exp_model"), warm_ckpt=os.path.join(first.out, "agent_warm"),
+                  mode="real", real_budget=8, iterations=10, eval_every=1)
+    toy_signal(monkeypatch.setattr)
+    calls, real_eval = [], dg.evaluate_agent
+    monkeypatch.setattr(dg, "evaluate_agent", lambda a, env, fold, n, *r, **k: calls.append((fold, n)) or
+                        real_eval(a, env, fold, n, *r, **k))
+    cfg = tiny_cfg(root, "real_straight", **shared)
+    res = train.run(cfg)
+    rows = [r for r in run_state(cfg.out)["metrics"] if r["stage"] == "rl"]
+    spent = [r["real_transitions"] for r in rows]
+    assert spent[-1] >= cfg.real_budget and all(x < cfg.real_budget for x in spent[:-1]), "stops once over budget"
+    per_iter = cfg.tasks_per_iter * cfg.group_size
+    assert [b - a for a, b in zip([0] + spent, spent)] == [round(r["turns"] * per_iter) for r in rows]
+    assert res["rl_real_transitions"] == spent[-1] and all(r["dream_transitions"] == 0 for r in rows)
+    curve = [c for c in calls if c[1] == cfg.curve_episodes]
+    assert len(curve) == len(rows) + 1 and {f for f, _ in curve} == {cfg.curve_fold} != {cfg.eval_fold}
+    assert {f for f, n in calls if n == cfg.eval_episodes} == {cfg.eval_fold}
+    crashed = tiny_cfg(root, "real_crashed", **shared)
+    real_update = _crash_in_iteration(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(crashed)
+    monkeypatch.setattr(train, "update_policy", real_update)
+    train.run(tiny_cfg(root, "real_crashed", resume=True, **shared))
+    assert_same_run(run_state(cfg.out), run_state(crashed.out))
+
+
 def test_bad_input_ends_the_run_at_once_in_one_line(tmp_path):
     out, data = tmp_path / "out", tmp_path / "data"
     t0 = time.time()
@@ -208,6 +258,10 @@ def test_table_s2r_continues_the_dream_run_exactly(tiny_run, tmp_path):
     assert a["rl"] == b["rl"] and a["metrics"] == b["metrics"] and a["tensors"].keys() == b["tensors"].keys()
     for k in a["tensors"]:
         assert torch.equal(a["tensors"][k], b["tensors"][k]), k
+    # the real phase stops once its budget is spent: never a real iteration past it
+    spent = [r["real_transitions"] for r in a["metrics"] if r["stage"] == "rl" and r["phase"] == "real"]
+    assert spent and spent[-1] >= 6 and all(x < 6 for x in spent[:-1])
+    assert spent[-1] < 6 + alone.tasks_per_iter * alone.group_size * 3, "at most one iteration's worth over"
 
 
 def test_fidelity_retrieves_from_the_offline_real_data_only(tiny_run, monkeypatch):
