@@ -323,8 +323,8 @@ def copy_checkpoint(src_run: str, dst_run: str):
 def _prune(ckdir: str, keep_name: str):
     """After the pointer moved: drop versions but the newest CKPT_KEEP up to the pointer's, versions
     past it (written by a run killed before its pointer moved), temporaries, and a flat layout."""
-    versions = sorted(n for n in os.listdir(ckdir) if n.isdigit() and os.path.isdir(os.path.join(ckdir, n)))
-    keep = set([n for n in versions if n <= keep_name][-CKPT_KEEP:])
+    versions = sorted((n for n in os.listdir(ckdir) if n.isdigit() and os.path.isdir(os.path.join(ckdir, n))), key=int)
+    keep = set([n for n in versions if int(n) <= int(keep_name)][-CKPT_KEEP:])
     for n in os.listdir(ckdir):
         p = os.path.join(ckdir, n)
         if (n in versions and n not in keep) or ".tmp" in n or n in _FLAT:
