@@ -446,17 +446,26 @@ class ReplayBuffer:
 
     # -- persistence
     def save(self, path: str):
-        """Snapshot: both files written to temporaries and renamed into place."""
+        """Snapshot: both files written to temporaries and renamed into place, the JSONL first. A kill
+        between the two renames leaves the new JSONL beside the old embeddings, which `load` reads
+        as those of the first rows (and embeds the rest): right when the old rows are a prefix of the
+        new ones (appends). Otherwise (eviction, a resume's rollback) the old embeddings are deleted
+        before the renames, so `load` can only recompute them, never pair rows with wrong vectors."""
         from safetensors.numpy import save_file
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"
+        text = "".join(json.dumps(t.to_dict()) + "\n" for t in self.items)
         with open(tmp + ".jsonl", "w") as f:
-            f.write("".join(json.dumps(t.to_dict()) + "\n" for t in self.items))
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         save_file({"emb": np.ascontiguousarray(self.emb)}, tmp + ".emb.safetensors")
-        os.replace(tmp + ".emb.safetensors", path + ".emb.safetensors")
+        if os.path.exists(path + ".emb.safetensors"):
+            old = open(path + ".jsonl").read() if os.path.exists(path + ".jsonl") else None
+            if old is None or not text.startswith(old):
+                os.remove(path + ".emb.safetensors")
         os.replace(tmp + ".jsonl", path + ".jsonl")
+        os.replace(tmp + ".emb.safetensors", path + ".emb.safetensors")
 
     @classmethod
     def load(cls, path: str, encoder: Encoder | None, capacity: int = 100_000, attach: bool = True):
@@ -909,14 +918,17 @@ class TaskGenerator:
                     out.append((TASK_SYSTEM, task_prompt(seed), task_target(group[j])))
         return out
 
-    def generate(self, seeds: list[Task], per_seed: int, known_states: set[str], first_seed: int = 0) -> list[Task]:
+    def generate(self, seeds: list[Task], per_seed: int, known_states: set[str], first_seed: int = 0,
+                 generator=None) -> list[Task]:
         """Up to per_seed variations of each seed. The n-th candidate of the call gets the task seed
-        first_seed + n, so a caller that advances first_seed by stats["candidates"] never repeats an id."""
+        first_seed + n, so a caller that advances first_seed by stats["candidates"] never repeats an id.
+        `generator`: the torch.Generator sampling draws from (a seeded one keeps a resumed run exact on
+        any device; None draws from the device's default generator)."""
         if not seeds or per_seed <= 0:
             return []
         prompts = [task_prompt(s) for s in seeds for _ in range(per_seed)]
         parents = [s for s in seeds for _ in range(per_seed)]
-        gens = self.lm.generate(TASK_SYSTEM, prompts, self.params)
+        gens = self.lm.generate(TASK_SYSTEM, prompts, self.params, generator=generator)
         out, seen = [], set(known_states)
         for n, (parent, g) in enumerate(zip(parents, gens)):
             self.stats["candidates"] += 1

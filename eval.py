@@ -1,6 +1,6 @@
 """Evaluation: an agent's success in the real environment, and an experience model's fidelity.
 
-    python eval.py agent --ckpt runs/default/ckpt/agent --fold test --episodes 200
+    python eval.py agent --ckpt runs/default/agent_best --fold test --episodes 200   # or <run>/ckpt/<version>/agent
     python eval.py fidelity --run runs/default --fold test      # reward/done/state accuracy of M_exp
 
 Agents are evaluated greedily (temperature 0) on the first `episodes` seeds of a held-out fold,
@@ -20,7 +20,7 @@ import envs
 import train
 from dreamgym import eval_tasks, evaluate_agent, fidelity, heldout_transitions, token_f1  # noqa: F401
 from envs.collect import read_jsonl, write_jsonl
-from runtime import device_of, exit_on_sigterm, format_table, write_json
+from runtime import copy_checkpoint, device_of, exit_on_sigterm, format_table, latest_checkpoint, write_json
 
 
 # ----------------------------------------------------------------------------- the Table 1 suite
@@ -55,9 +55,10 @@ def sampled_successes(cfg, run_dir: str, seed: int, which=("warm", "final")) -> 
     task, seeded by the run's seed), next to the greedy numbers train.run reports."""
     dev = device_of(cfg.device)
     best = os.path.join(run_dir, "agent_best")        # keep_best: the reported agent is the curve-fold best
+    ck = latest_checkpoint(run_dir)
+    last = os.path.join(ck, "agent") if ck else None
     paths = {"warm": cfg.warm_ckpt or os.path.join(run_dir, "agent_warm"),
-             "final": best if cfg.keep_best and os.path.exists(best) else os.path.join(run_dir, "ckpt", "agent"),
-             "last": os.path.join(run_dir, "ckpt", "agent")}
+             "final": best if cfg.keep_best and os.path.exists(best) else last, "last": last}
     out = {}
     for key, path in ((f"{w}_sampled", paths[w]) for w in which):
         agent = train.load_lm(cfg, path, dev, trainable=False)
@@ -102,14 +103,14 @@ def reuse_dream_phase(cfg, base_dir: str, algo: str):
     curve history and best agent) into the real phase instead of dreaming it all again."""
     name = next(n for n, o, _ in METHODS if o == dict(mode="dream", algo=algo))
     dream = os.path.join(base_dir, name.replace(" ", "_"))
-    if os.path.exists(os.path.join(cfg.out, "ckpt")) or not os.path.exists(os.path.join(dream, "results.json")):
+    if latest_checkpoint(cfg.out) or not os.path.exists(os.path.join(dream, "results.json")):
         return
     os.makedirs(cfg.out, exist_ok=True)
     if os.path.exists(os.path.join(dream, "agent_best")):
         shutil.copytree(os.path.join(dream, "agent_best"), os.path.join(cfg.out, "agent_best"))
     rows = [r for r in read_jsonl(os.path.join(dream, "metrics.jsonl")) if r.get("stage") != "eval"]
     write_jsonl(os.path.join(cfg.out, "metrics.jsonl"), rows)      # its own evaluations are redone
-    shutil.copytree(os.path.join(dream, "ckpt"), os.path.join(cfg.out, "ckpt"))
+    copy_checkpoint(dream, cfg.out)
     cfg.resume = True
 
 

@@ -134,6 +134,27 @@ def create_tiny(out_dir: str, tokenizer_dir: str, preset: str = "tiny", seed: in
 
 
 # ----------------------------------------------------------------------------- load / save
+def model_name_problem(name: str) -> str | None:
+    """Why `name` cannot be loaded here, or None when it can: a tiny preset, a folder holding a saved
+    model (config.json or adapter_config.json), a known alias (a module-level ALIASES dict, where
+    one is defined), or a Hugging Face hub repo already in the local cache (runs never download
+    mid-pipeline: fetch it first with `huggingface-cli download NAME`)."""
+    if name in TINY_PRESETS or name in globals().get("ALIASES", {}):
+        return None
+    if os.path.isdir(name):
+        found = any(os.path.isfile(os.path.join(name, f)) for f in ("config.json", "adapter_config.json"))
+        return None if found else "the folder holds no saved model (config.json or adapter_config.json)"
+    if name.startswith("tiny"):
+        return f"unknown tiny preset; choose from {sorted(TINY_PRESETS)}"
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:                    # noqa: BLE001 - not a valid repo id: a path that does not exist
+        cached = False
+    return None if cached else (f"no such folder and not a known model name (tiny presets: "
+                                f"{', '.join(sorted(TINY_PRESETS))}; a hub model must be in the local cache)")
+
+
 def load_model(path_or_name: str, spec: ModelSpec | None = None, device=None, trainable=True):
     """(model, tokenizer) for a checkpoint folder or hub name, with the spec's 4-bit/LoRA/attention.
 

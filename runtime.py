@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import dreamgym as dg
-from envs.collect import read_jsonl, write_jsonl
+from envs.collect import write_jsonl
 from models import default_device, save_model
 
 
@@ -116,14 +116,33 @@ class Log:
         tqdm.write(" ".join(f"{k}={v}" for k, v in row.items()))
 
     def rows(self) -> list[dict]:
-        return read_jsonl(self.path) if os.path.exists(self.path) else []
+        """The logged rows; a last line cut short by a kill is left out."""
+        if not os.path.exists(self.path):
+            return []
+        lines = open(self.path).read().split("\n")
+        rows = []
+        for n, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if n < len(lines) - 1:
+                        raise ValueError(f"{self.path}:{n}: not valid JSON") from None
+        return rows
 
-    def truncate_after(self, iteration: int):
-        """On resume: forget rows logged by iterations that the checkpoint does not contain."""
+    def truncate_after(self, iteration: int) -> int:
+        """On resume: forget rows logged by iterations that the checkpoint (of `iteration` iterations
+        done) does not contain: RL and curve rows of iteration >= it, curriculum rows past it (they
+        carry the count of iterations done). Returns how many rows went."""
         if not DIST.main:
-            return
-        keep = [r for r in self.rows() if r.get("iteration", -1) < iteration or r.get("stage") not in ("rl", "curve")]
-        write_jsonl(self.path, keep)
+            return 0
+        rows = self.rows()
+        stale = lambda r: ((r.get("stage") in ("rl", "curve") and r.get("iteration", -1) >= iteration) or
+                           (r.get("stage") == "taskgen" and r.get("iteration", -1) > iteration))
+        keep = [r for r in rows if not stale(r)]
+        if os.path.exists(self.path):
+            write_jsonl(self.path, keep)
+        return len(rows) - len(keep)
 
 
 def write_json(path: str, obj):
@@ -219,45 +238,176 @@ def _tuple(x):
     return tuple(_tuple(v) for v in x) if isinstance(x, list) else x
 
 
-def save_checkpoint(path, agent, opt, head, buffer, state: dict, rng, gen):
+CKPT_KEEP = 2                             # checkpoint versions kept: the latest and the one before it
+_crashes: dict[str, int] = {}
+
+
+def crash_point(label: str):
+    """Test hook for kill -9 at a chosen moment: with DREAMGYM_CRASH_AT=<label>:<n> in the
+    environment, the process SIGKILLs itself the n-th time it reaches `label` (nothing runs after:
+    no atexit, no flush), exactly like an external `kill -9`. A no-op otherwise."""
+    spec = os.environ.get("DREAMGYM_CRASH_AT")
+    if not spec:
+        return
+    want, _, n = spec.rpartition(":")
+    if want != label:
+        return
+    _crashes[label] = _crashes.get(label, 0) + 1
+    if _crashes[label] == int(n):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_dir(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: str):
+    for d, _, files in os.walk(path):
+        for f in files:
+            with open(os.path.join(d, f), "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(d)
+
+
+def _write_pointer(ckdir: str, name: str):
+    """ckdir/latest <- name: a temporary file, fsynced, renamed over the old pointer (atomic)."""
+    tmp = os.path.join(ckdir, f"latest.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(ckdir, "latest"))
+    _fsync_dir(ckdir)
+
+
+_FLAT = ("agent", "buffer.jsonl", "buffer.emb.safetensors", "optimizer.safetensors", "rng.safetensors",
+         "state.json", "value_head.safetensors")          # the flat ckpt/ layout of earlier versions
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The folder of a run's newest complete checkpoint: the version `<run>/ckpt/latest` names, or
+    a flat `<run>/ckpt/` of earlier versions; None when the run has none. A pointer that names no
+    complete checkpoint raises ValueError (the run folder was damaged: never guess)."""
+    ckdir = os.path.join(run_dir, "ckpt")
+    pointer = os.path.join(ckdir, "latest")
+    if os.path.exists(pointer):
+        name = open(pointer).read().strip()
+        path = os.path.join(ckdir, name)
+        if not name or "/" in name or not os.path.isfile(os.path.join(path, "state.json")):
+            raise ValueError(f"{pointer} names {name!r}, which is not a complete checkpoint")
+        return path
+    return ckdir if os.path.isfile(os.path.join(ckdir, "state.json")) else None
+
+
+def copy_checkpoint(src_run: str, dst_run: str):
+    """A run's latest checkpoint becomes another run folder's only one (its pointer written last)."""
+    src = latest_checkpoint(src_run)
+    if src is None:
+        raise ValueError(f"{src_run} holds no checkpoint")
+    ckdir = os.path.join(dst_run, "ckpt")
+    name = os.path.basename(src) if src != os.path.join(src_run, "ckpt") else \
+        f"{json.load(open(os.path.join(src, 'state.json')))['rl']['iteration']:06d}"
+    os.makedirs(ckdir, exist_ok=True)
+    tmp = os.path.join(ckdir, name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    os.replace(tmp, os.path.join(ckdir, name))
+    _write_pointer(ckdir, name)
+    _prune(ckdir, name)
+
+
+def _prune(ckdir: str, keep_name: str):
+    """After the pointer moved: drop versions but the newest CKPT_KEEP up to the pointer's, versions
+    past it (written by a run killed before its pointer moved), temporaries, and a flat layout."""
+    versions = sorted((n for n in os.listdir(ckdir) if n.isdigit() and os.path.isdir(os.path.join(ckdir, n))), key=int)
+    keep = set([n for n in versions if int(n) <= int(keep_name)][-CKPT_KEEP:])
+    for n in os.listdir(ckdir):
+        p = os.path.join(ckdir, n)
+        if (n in versions and n not in keep) or ".tmp" in n or n in _FLAT:
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+
+
+def _cuda_rng() -> list:
+    return list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else []
+
+
+def _set_cuda_rng(states: list):
+    if states and torch.cuda.is_available():
+        for d, s in enumerate(states[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, d)
+
+
+def _rng_state(gen) -> dict:
+    """Every generator this process draws from: torch's CPU one and (when present) the CUDA ones,
+    Python's, NumPy's, and the rollout sampler's own `gen`."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "gen": gen.get_state(),
+            "cuda": _cuda_rng(),
+            "python": _jsonable(random.getstate()), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+def save_checkpoint(ckdir, agent, opt, head, buffer, state: dict, rng, gen):
     """Agent weights/adapters, optimizer, value head, replay buffer, the loop's `state` (JSON) and every
-    RNG, written into a temporary folder and renamed into place: a kill at any moment leaves either
-    the previous checkpoint or the new one, never a mix."""
-    gens = DIST.gather(gen.get_state())          # each rank samples with its own generator
+    RNG of every rank, as one version `ckdir/<iteration:06d>/`: written into a temporary folder
+    (state.json last), fsynced and renamed into place; then the pointer `ckdir/latest` moves to it
+    (atomically), then older versions are pruned. A kill at any moment leaves the pointer on a
+    complete checkpoint (or, before the first one, no pointer)."""
+    per_rank = DIST.gather(_rng_state(gen))
     if not DIST.main:
         DIST.barrier()
         return
-    tmp = path + f".tmp{os.getpid()}"
+    name = f"{state['iteration']:06d}"
+    final = os.path.join(ckdir, name)
+    tmp = final + f".tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     agent.model.save_pretrained(os.path.join(tmp, "agent"), safe_serialization=True)
     agent.tokenizer.save_pretrained(os.path.join(tmp, "agent"))
+    crash_point("ckpt.agent")
     tensors, meta = _opt_tensors(opt)
     save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
-    rngs = {"torch": torch.get_rng_state(), **{f"gen{r}": g for r, g in enumerate(gens)}}
+    crash_point("ckpt.optimizer")
     if head is not None:
         save_file({k: v.contiguous() for k, v in head.state_dict().items()}, os.path.join(tmp, "value_head.safetensors"))
+        crash_point("ckpt.value_head")
+    rngs = {}
+    for r, s in enumerate(per_rank):
+        rngs[f"torch{r}"], rngs[f"gen{r}"] = s["torch"], s["gen"]
+        rngs.update({f"cuda{r}.{d}": c for d, c in enumerate(s["cuda"])})
     save_file(rngs, os.path.join(tmp, "rng.safetensors"))
+    crash_point("ckpt.rng")
     if buffer is not None:
         buffer.save(os.path.join(tmp, "buffer"))
-    np_state = np.random.get_state()
-    full = {"rl": state, "optimizer": meta, "python_rng": _jsonable(random.getstate()),
-            "task_rng": _jsonable(rng.getstate()),
-            "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+        crash_point("ckpt.buffer")
+    full = {"rl": state, "optimizer": meta, "task_rng": _jsonable(rng.getstate()),
+            "python_rngs": [s["python"] for s in per_rank], "numpy_rngs": [s["numpy"] for s in per_rank]}
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(full, f)
-    old = path + f".old{os.getpid()}"
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    _fsync_tree(tmp)
+    crash_point("ckpt.state")
+    if os.path.exists(final):             # a copy no pointer names: its run was killed before the pointer moved
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckdir)
+    crash_point("ckpt.renamed")
+    _write_pointer(ckdir, name)
+    crash_point("ckpt.pointer")
+    _prune(ckdir, name)
+    crash_point("ckpt.pruned")
     if buffer is not None and buffer.path:
         buffer.save(buffer.path)
+        crash_point("ckpt.run_buffer")
     DIST.barrier()
 
 
 def load_checkpoint(path, agent, opt, head, buffer, rng, gen) -> dict:
-    """Restore what save_checkpoint wrote into the live objects; returns the loop's state dict."""
+    """Restore what save_checkpoint wrote (`path`: a version folder, see latest_checkpoint) into the
+    live objects; the checkpoint's buffer snapshot replaces the run's buffer files. Returns the loop's
+    state dict."""
     load_agent_weights(agent, os.path.join(path, "agent"))
     state = json.load(open(os.path.join(path, "state.json")))
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
@@ -269,13 +419,15 @@ def load_checkpoint(path, agent, opt, head, buffer, rng, gen) -> dict:
     if head is not None:
         head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors")))
     rngs = load_file(os.path.join(path, "rng.safetensors"))
-    torch.set_rng_state(rngs["torch"])
-    if f"gen{DIST.rank}" not in rngs:
+    r = DIST.rank
+    if f"gen{r}" not in rngs:
         raise ValueError(f"{path} was written by fewer ranks than this run has: resume with the same world size")
-    gen.set_state(rngs[f"gen{DIST.rank}"])
-    random.setstate(_tuple(state["python_rng"]))
+    torch.set_rng_state(rngs[f"torch{r}"] if f"torch{r}" in rngs else rngs["torch"])
+    gen.set_state(rngs[f"gen{r}"])
+    _set_cuda_rng([rngs[k] for k in sorted((k for k in rngs if k.startswith(f"cuda{r}.")), key=lambda k: int(k.split(".")[1]))])
+    random.setstate(_tuple(state["python_rngs"][r] if "python_rngs" in state else state["python_rng"]))
     rng.setstate(_tuple(state["task_rng"]))
-    n = state["numpy_rng"]
+    n = state["numpy_rngs"][r] if "numpy_rngs" in state else state["numpy_rng"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
     if buffer is not None:
         snap = dg.ReplayBuffer.load(os.path.join(path, "buffer"), buffer.encoder, buffer.capacity, attach=False)

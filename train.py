@@ -20,7 +20,9 @@ import math
 import os
 import random
 import re
+import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,9 +34,10 @@ import envs
 from engine import SamplingParams
 from envs import Task
 from envs.collect import COLLECT_VERSION, collect, print_summary, read_jsonl, write_jsonl
-from models import ModelSpec, create_tiny, load_model, save_model, train_tokenizer
-from runtime import (DIST, Log, device_of, exit_on_sigterm, fingerprint, format_table, load_agent_weights,
-                     load_checkpoint, plot_curves, save_agent, save_checkpoint, seed_all, write_json)
+from models import ModelSpec, create_tiny, load_model, model_name_problem, save_model, train_tokenizer
+from runtime import (DIST, Log, crash_point, device_of, exit_on_sigterm, fingerprint, format_table,
+                     latest_checkpoint, load_agent_weights, load_checkpoint, plot_curves, save_agent, save_checkpoint,
+                     seed_all, write_json)
 
 
 @dataclass
@@ -104,7 +107,9 @@ class Config:
     gamma: float = 1.0                # PPO / GAE over turns
     gae_lambda: float = 0.95          # GAE lambda (PPO)
     vf_coef: float = 0.5              # weight of the critic's loss (PPO)
-    max_grad_norm: float = 1.0        # gradient-norm clip of each optimizer step
+    max_grad_norm: float = 1.0        # gradient-norm clip of each optimizer step (PPO: the policy's and the critic's each)
+    norm_adv: bool = True             # PPO: whiten advantages over the iteration's agent turns (mean 0, std 1)
+    recompute_logprobs: str = "auto"  # old log-probs by a training forward: auto (when the dtype is not float32) | always | never
     max_tokens: int = 8192            # tokens per micro-batch in updates and SFT
     # --- curriculum task generation
     taskgen: bool = True              # ablation: --taskgen false
@@ -143,6 +148,9 @@ class Config:
              "(or pass --keep_best false)"),
             (self.minibatches >= 1 and self.update_epochs >= 1, "minibatches, update_epochs >= 1"),
             (self.lr > 0 and self.lr_warmup >= 0, "lr > 0 and lr_warmup >= 0"),
+            (self.temperature > 0, f"--temperature {self.temperature}: RL samples its rollouts and divides the "
+                                   f"logits by it, so it must be > 0 (evaluation is greedy on its own)"),
+            (self.recompute_logprobs in ("auto", "always", "never"), "recompute_logprobs must be auto, always or never"),
             (self.k >= 0 and self.history >= 0, "k and history must be >= 0"),
             (self.agent_init in ("exp", "scratch"), "agent_init must be exp or scratch"),
             (self.annotator == "rule" or (self.annotator == "teacher" and self.teacher_model),
@@ -198,13 +206,57 @@ def parse_args(argv=None) -> Config:
         try:
             p.set_defaults(**load_config_file(given.config))
         except ValueError as e:
-            p.error(str(e))
+            fail(e)
     args = vars(p.parse_args(argv))
     args.pop("config")
     try:
         return Config(**args).validate()
     except ValueError as e:
-        p.error(str(e))
+        fail(e)
+
+
+def fail(msg):
+    """A bad input ends the program at once: one line on stderr, exit code 2 (as argparse does), no
+    traceback (tracebacks are for bugs)."""
+    sys.stderr.write(f"{os.path.basename(sys.argv[0]) or 'train.py'}: error: {msg}\n")
+    raise SystemExit(2)
+
+
+def _writable(path: str) -> bool:
+    """path is a writable folder, or could be created as one (its nearest existing parent is)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def preflight(cfg: Config):
+    """Every path, model name, endpoint and resume state checked before any work (the env spec is
+    Config.validate's): a bad one raises ValueError naming the flag, in one line. Nothing is written."""
+    names = [("agent_model", cfg.agent_model), ("exp_model", cfg.exp_model)]
+    if cfg.annotator == "teacher" and not cfg.teacher_endpoint:
+        names.append(("teacher_model", cfg.teacher_model))
+    for flag, name in names:
+        if (why := model_name_problem(name)) is not None:
+            raise ValueError(f"--{flag} {name}: {why}")
+    for flag in ("exp_ckpt", "warm_ckpt"):
+        path = getattr(cfg, flag)
+        if path and not os.path.isdir(path):
+            raise ValueError(f"--{flag} {path}: no such folder")
+        if path and not is_checkpoint(path):
+            raise ValueError(f"--{flag} {path}: holds no saved model (config.json or adapter_config.json)")
+    for flag in ("exp_endpoint", "teacher_endpoint"):
+        url = getattr(cfg, flag)
+        parts = urllib.parse.urlparse(url)
+        if url and (parts.scheme not in ("http", "https") or not parts.netloc):
+            raise ValueError(f"--{flag} {url}: not an http(s) URL such as http://localhost:8000/v1")
+    for flag in ("data_dir", "out"):
+        path = getattr(cfg, flag)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"--{flag} {path}: exists and is not a folder")
+        if not _writable(path):
+            raise ValueError(f"--{flag} {path}: not writable")
+    resume_point(cfg)
 
 
 # ============================================================================ stage 1: offline data
@@ -523,9 +575,48 @@ def set_warmup_lr(opt, cfg: Config):
         g["lr"] = cfg.lr * min(1.0, (done + 1) / max(1, cfg.lr_warmup))
 
 
+def agent_dtype(agent: dg.LocalLM) -> torch.dtype:
+    """The dtype the update's log-probs are computed in (the output embeddings')."""
+    base = agent.model.get_base_model() if hasattr(agent.model, "get_base_model") else agent.model
+    return base.get_output_embeddings().weight.dtype
+
+
+def recompute_old_logprobs(cfg: Config, agent: dg.LocalLM) -> bool:
+    return cfg.recompute_logprobs == "always" or (cfg.recompute_logprobs == "auto" and agent_dtype(agent) != torch.float32)
+
+
+def old_logprobs(agent: dg.LocalLM, turns: list[dg.Turn], cfg: Config) -> list[list[float]]:
+    """Each turn's response log-probs under the current weights by the update's own forward (train
+    mode, no grad): the ratio's old policy. The sampler computes them in float32 exactly; in bf16 its
+    decode kernels and the training forward round differently, and the ratio must start at 1."""
+    dev = next(agent.model.parameters()).device
+    out = [None] * len(turns)
+    agent.model.train()
+    with torch.no_grad():
+        for mb in dg.token_batches(turns, [len(t.prompt_ids) + len(t.response_ids) for t in turns], cfg.max_tokens):
+            batch = dg.pack([(turns[i].prompt_ids, turns[i].response_ids) for i in mb], agent.tokenizer.pad_token_id, dev)
+            lp = dg.response_logprobs(agent.model, batch, cfg.temperature)[0].float().tolist()
+            n = 0
+            for i in mb:
+                out[i], n = lp[n:n + len(turns[i].response_ids)], n + len(turns[i].response_ids)
+    return out
+
+
+def whiten(values: list[float]) -> list[float]:
+    """Mean 0, std 1 over every rank's values (CleanRL's / verl's advantage normalisation)."""
+    every = torch.tensor([x for vs in DIST.gather(values) for x in vs], dtype=torch.float64)
+    if len(every) < 2:
+        return [0.0] * len(values)
+    mean, std = every.mean().item(), every.std().item()
+    return [(x - mean) / (std + 1e-8) for x in values]
+
+
 def update_policy(agent: dg.LocalLM, opt, episodes, cfg: Config, head: ValueHead | None, ref: dg.LocalLM | None):
     """One RL update from a batch of episodes: advantages, then clipped-surrogate steps over
     `minibatches` token-mean mini-batches (agent tokens only: prompts and env text are masked).
+    PPO: advantages whitened over the iteration's agent turns (norm_adv), and the policy's and the
+    critic's gradients clipped each to max_grad_norm, so the critic's size never shrinks the policy's
+    step. Old log-probs are the sampler's, or the update's own forward's (recompute_logprobs).
     Episodes ended by a failed simulation take no part (dg.learnable)."""
     episodes = dg.learnable(episodes)
     dev = next(agent.model.parameters()).device
@@ -538,10 +629,17 @@ def update_policy(agent: dg.LocalLM, opt, episodes, cfg: Config, head: ValueHead
                                           cfg.gae_lambda, dev)
     items = [(t, a, (r[j] if ret_turn else 0.0)) for e, advs, r in zip(episodes, adv_turn, ret_turn or adv_turn)
              for j, (t, a) in enumerate(zip(e.turns, advs)) if t.response_ids]
-    params = [p for p in agent.model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
-    stats = dict(loss=0.0, clipfrac=0.0, entropy=0.0, vloss=0.0, tokens=0)
+    if cfg.algo == "ppo" and cfg.norm_adv:
+        items = [(t, a, r) for (t, _, r), a in zip(items, whiten([a for _, a, _ in items]))]
+    recompute = recompute_old_logprobs(cfg, agent)
+    olds = old_logprobs(agent, [t for t, _, _ in items], cfg) if recompute else [t.logprobs for t, _, _ in items]
+    policy = [p for p in agent.model.parameters() if p.requires_grad]
+    critic = list(head.parameters()) if head else []
+    stats = dict(loss=0.0, clipfrac=0.0, entropy=0.0, vloss=0.0, tokens=0, grad_norm=0.0, vf_grad_norm=0.0, steps=0,
+                 ratio_dev=0.0, first_tokens=0, approx_kl=0.0, ref_kl=0.0)
     rng = random.Random(cfg.seed * 100003 + len(items))
     agent.model.train()
+    first = True                          # the first mini-batch: no step yet, so the ratio must be 1
     for _ in range(cfg.update_epochs):
         order = list(range(len(items)))
         rng.shuffle(order)
@@ -553,7 +651,7 @@ def update_policy(agent: dg.LocalLM, opt, episodes, cfg: Config, head: ValueHead
                 sel = [items[mb_items[j]] for j in mb]
                 batch = dg.pack([(t.prompt_ids, t.response_ids) for t, _, _ in sel], agent.tokenizer.pad_token_id, dev)
                 logp, ent, values = dg.response_logprobs(agent.model, batch, cfg.temperature, head)
-                old = torch.tensor([x for t, _, _ in sel for x in t.logprobs], device=dev)
+                old = torch.tensor([x for j in mb for x in olds[mb_items[j]]], device=dev)
                 adv = torch.tensor([a for t, a, _ in sel for _ in t.response_ids], device=dev)
                 ref_logp = None
                 if ref is not None and cfg.beta > 0:
@@ -567,21 +665,41 @@ def update_policy(agent: dg.LocalLM, opt, episodes, cfg: Config, head: ValueHead
                     loss = loss + cfg.vf_coef * vloss
                     stats["vloss"] += vloss.item()
                 loss.backward()
+                with torch.no_grad():
+                    log_ratio = logp.detach().float() - old
+                    if first:
+                        stats["ratio_dev"] += (log_ratio.exp() - 1).abs().sum().item()
+                        stats["first_tokens"] += len(adv)
+                    stats["approx_kl"] += (log_ratio.exp() - 1 - log_ratio).sum().item()
+                    if ref_logp is not None:
+                        d = ref_logp.float() - logp.detach().float()
+                        stats["ref_kl"] += (d.exp() - d - 1).sum().item()
                 stats["loss"] += loss.item()
                 stats["clipfrac"] += clipped.float().sum().item()
                 stats["entropy"] += ent.detach().sum().item()
                 stats["tokens"] += len(adv)
+            first = False
             if n_tok == 0:
                 continue
-            DIST.sum_grads(params)
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            DIST.sum_grads(policy + critic)
+            stats["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(policy, cfg.max_grad_norm))
+            if critic:
+                stats["vf_grad_norm"] += float(torch.nn.utils.clip_grad_norm_(critic, cfg.max_grad_norm))
+            stats["steps"] += 1
             set_warmup_lr(opt, cfg)
             opt.step()
             opt.zero_grad(set_to_none=True)
     agent.model.eval()
-    n = max(1, stats["tokens"])
-    return dict(loss=stats["loss"] / cfg.update_epochs, clipfrac=stats["clipfrac"] / n, entropy=stats["entropy"] / n,
-                vloss=stats["vloss"] / cfg.update_epochs, agent_tokens=sum(len(t.response_ids) for t, _, _ in items))
+    n, steps = max(1, stats["tokens"]), max(1, stats["steps"])
+    out = dict(loss=stats["loss"] / cfg.update_epochs, clipfrac=stats["clipfrac"] / n, entropy=stats["entropy"] / n,
+               vloss=stats["vloss"] / cfg.update_epochs, agent_tokens=sum(len(t.response_ids) for t, _, _ in items),
+               grad_norm=stats["grad_norm"] / steps, ratio_dev=stats["ratio_dev"] / max(1, stats["first_tokens"]),
+               approx_kl=stats["approx_kl"] / n, logprobs_recomputed=recompute)
+    if head is not None:
+        out["vf_grad_norm"] = stats["vf_grad_norm"] / steps
+    if ref is not None and cfg.beta > 0:
+        out["ref_kl"] = stats["ref_kl"] / n
+    return out
 
 
 def iteration_tasks(cfg: Config, st: RLState, real: list[Task], rng: random.Random, phase: str):
@@ -603,7 +721,9 @@ def curriculum(cfg: Config, st: RLState, exp: dg.ExperienceModel, real: list[Tas
     vocab = {w for t in real for w in dg.task_words(t.instruction + " " + t.init_state)} if tiny else None
     gen = dg.TaskGenerator(exp.lm, judge=cfg.taskgen_judge, vocabulary=vocab)
     known = {t.init_state for t in real} | {d["init_state"] for d in st.generated}
-    new = gen.generate(seeds, cfg.taskgen_per_seed, known, first_seed=st.generated_count)
+    new = gen.generate(seeds, cfg.taskgen_per_seed, known, first_seed=st.generated_count,
+                       # its own seeded sampler: a resumed run samples the same tasks on any device
+                       generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + st.iteration))
     st.generated_count += gen.stats["candidates"]
     keep = max(cfg.tasks_per_iter * 4, 1)                # a bounded pool of the freshest variations
     st.generated = (st.generated + [t.to_dict() for t in new])[-keep:]
@@ -635,13 +755,12 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.99))
     st, rng = RLState(), random.Random(cfg.seed + 7)          # rng: the same task draws on every rank
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * DIST.rank)   # each rank samples its own rollouts
-    if os.path.exists(ckdir):
-        if not cfg.resume:
-            raise ValueError(f"{cfg.out} already holds a checkpoint: pass --resume to continue it, "
-                             f"or choose a new --out")
-        st = RLState(**load_checkpoint(ckdir, agent, opt, head, buffer, rng, gen))
+    if (ck := resume_point(cfg)) is not None:      # the checkpoint (its buffer snapshot included) is the truth
+        st = RLState(**load_checkpoint(ck, agent, opt, head, buffer, rng, gen))
         log.truncate_after(st.iteration)
-        print(f"resumed from {ckdir} at iteration {st.iteration}")
+        print(f"resumed from {ck} at iteration {st.iteration}")
+    else:
+        restart_rl(buffer, log)
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=64, stop=(dg.AGENT_STOP,))
     max_steps = envs.max_steps(cfg.env)
     if cfg.keep_best and eval_fn is not None and st.best_iteration < 0:      # the warm start: iteration 0
@@ -675,6 +794,7 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
             st.dream_transitions += len(transitions)
             if cfg.add_to_buffer and buffer is not None:
                 buffer.add([t for t in transitions if not t.invalid])
+                crash_point("rl.buffer_add")
         row = dict(stage="rl", iteration=st.iteration, phase=phase,
                    reward=float(np.mean([x[0] for x in summary])), success=float(np.mean([x[1] for x in summary])),
                    format_error=sum(x[2] for x in summary) / max(1, sum(x[3] for x in summary)),
@@ -696,11 +816,69 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
             if cfg.keep_best:
                 keep_if_best(cfg, st, agent, row["curve_success"])
         log(**row)
+        crash_point("rl.logged")
         bar.update(1)
         if st.iteration % cfg.ckpt_every == 0 or next_phase(cfg, st) is None:
             save_checkpoint(ckdir, agent, opt, head, buffer, dataclasses.asdict(st), rng, gen)
     bar.close()
     return st
+
+
+def rl_traces(run_dir: str) -> dict[str, int]:
+    """Traces of RL iterations in a run folder, whatever its checkpoints say: {where: the highest
+    iteration seen} for metrics.jsonl's RL rows and buffer.jsonl's dreamed transitions."""
+    out = {}
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        its = [r["iteration"] for r in Log(path).rows() if r.get("stage") == "rl"]
+        if its:
+            out["metrics.jsonl"] = max(its)
+    path = os.path.join(run_dir, "buffer.jsonl")
+    if os.path.exists(path):
+        its = []
+        with open(path) as f:
+            for line in f:                    # real rows are most of it: skip them unparsed
+                if line.strip() and '"source": "real"' not in line:
+                    try:
+                        its.append(json.loads(line).get("iteration", 0))
+                    except json.JSONDecodeError:  # a write cut short by a kill; load drops it
+                        pass
+        if its:
+            out["buffer.jsonl"] = max(its)
+    return out
+
+
+def resume_point(cfg: Config) -> str | None:
+    """The checkpoint RL continues from (None: RL starts at iteration 0). A run folder that cannot be
+    continued exactly raises ValueError (one line): RL progress without --resume, a damaged
+    checkpoint pointer, or RL iterations past the first checkpoint's but no checkpoint. Traces of an
+    unfinished first checkpoint interval alone are dropped by restart_rl (the run restarts exactly)."""
+    ck = latest_checkpoint(cfg.out)
+    traces = rl_traces(cfg.out)
+    if (ck or traces) and not cfg.resume:
+        raise ValueError(f"--out {cfg.out} already holds {'a checkpoint' if ck else 'RL progress'}: "
+                         f"pass --resume to continue it, or choose a new --out")
+    if ck is None and traces and max(traces.values()) >= cfg.ckpt_every:
+        seen = ", ".join(f"{k} up to iteration {v}" for k, v in traces.items())
+        raise ValueError(f"--resume: {cfg.out} holds RL progress ({seen}) but no checkpoint in "
+                         f"{os.path.join(cfg.out, 'ckpt')}: it cannot continue exactly; choose a new --out")
+    return ck
+
+
+def restart_rl(buffer, log: Log):
+    """RL starts at iteration 0: what a run killed before its first checkpoint left (dreamed
+    transitions in the buffer, its RL/curve metrics rows) is dropped, so the restart is exact."""
+    dropped = 0
+    if buffer is not None and any(t.source != "real" for t in buffer.items):
+        keep = [i for i, t in enumerate(buffer.items) if t.source == "real"]
+        dropped = len(buffer.items) - len(keep)
+        buffer.items, buffer.emb = [buffer.items[i] for i in keep], buffer.emb[keep]
+        if buffer.path and DIST.main:
+            buffer.save(buffer.path)
+    rows = log.truncate_after(0)
+    if dropped or rows:
+        print(f"no checkpoint yet: RL restarts at iteration 0 (dropped {dropped} dreamed transitions and "
+              f"{rows} metrics rows of the unfinished first iterations)")
 
 
 def keep_if_best(cfg: Config, st: RLState, agent, success: float | None):
@@ -758,6 +936,7 @@ def offline_path(cfg: Config) -> str:
 
 def run(cfg: Config) -> dict:
     """The whole pipeline for one config; returns the results (also written to results.json)."""
+    preflight(cfg)
     DIST.setup()
     os.makedirs(cfg.out, exist_ok=True)
     if DIST.main:
@@ -814,6 +993,10 @@ def run(cfg: Config) -> dict:
 def main(argv=None):
     exit_on_sigterm()
     cfg = parse_args(argv)
+    try:
+        preflight(cfg)
+    except ValueError as e:
+        fail(e)
     t0 = time.time()
     res = run(cfg)
     if not DIST.main:

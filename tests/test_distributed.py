@@ -88,6 +88,7 @@ def test_torchrun_two_ranks_end_identical(tiny_run, tmp_path):
     rows = [json.loads(x) for x in open(os.path.join(cfg.out, "metrics.jsonl")) if '"stage": "rl"' in x]
     assert [r["iteration"] for r in rows] == list(range(cfg.iterations)), "rank 0 alone logs, once per iteration"
     assert all(r["dream_transitions"] > 0 for r in rows)
-    assert os.path.exists(os.path.join(cfg.out, "ckpt", "rng.safetensors"))
+    rngs = runtime.load_file(os.path.join(runtime.latest_checkpoint(cfg.out), "rng.safetensors"))
+    assert {"gen0", "gen1", "torch0", "torch1"} <= set(rngs), "every rank's generators are saved"
     res = json.load(open(os.path.join(cfg.out, "results.json")))
     assert res["rl_real_transitions"] == 0

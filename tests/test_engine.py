@@ -3,7 +3,12 @@
 References: transformers' generate() (greedy, EOS off) for tokens, a full forward pass without any
 cache for log-probs, and a plain Python reading of the HF tokens for where each row must stop.
 Every behaviour runs on both forward paths: "fast" (decoder layers + preallocated cache) and
-"generic" (the model's forward + DynamicCache)."""
+"generic" (the model's forward + DynamicCache).
+
+The device is DREAMGYM_TEST_DEVICE (default cpu; bench/gpu.sh sets cuda), the models float32 on it,
+so the CUDA path (Triton sampling, CUDA graphs) meets the same exact references; tests of CPU-only
+machinery (oneDNN, the CPU decode attention, the CPU KV buffers) run on CPU alone."""
+import os
 import random
 
 import pytest
@@ -17,6 +22,11 @@ real_attention = engine_mod._cpu_decode_attention
 
 torch.set_num_threads(1)
 PATHS = ["fast", "generic"]
+DEVICE = torch.device(os.environ.get("DREAMGYM_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda" and DEVICE.index is None:
+    DEVICE = torch.device("cuda", 0)
+F32 = models.ModelSpec(dtype="float32")
+cpu_only = pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU-only machinery")
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +53,15 @@ def _scale(model, s=4.0):
 
 @pytest.fixture()
 def lm(tiny):
-    model, tok = models.load_model(tiny, device="cpu")
+    model, tok = models.load_model(tiny, F32, device=DEVICE)
     return _scale(model), tok
+
+
+def test_models_live_on_the_test_device(lm):
+    """bench/gpu.sh runs this file with DREAMGYM_TEST_DEVICE=cuda: the engine's CUDA path, tested."""
+    assert next(lm[0].parameters()).device == DEVICE
+    gpu_sh = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu.sh")).read()
+    assert "DREAMGYM_TEST_DEVICE=cuda" in gpu_sh
 
 
 def prompts(tok, lens=(5, 17, 1, 30, 9, 12), seed=0):
@@ -64,6 +81,7 @@ def hf_greedy(model, tok, rows, n):
     for i, r in enumerate(rows):
         ids[i, T - len(r):] = torch.tensor(r)
         mask[i, T - len(r):] = 1
+    ids, mask = ids.to(model.device), mask.to(model.device)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
                              eos_token_id=None, pad_token_id=tok.pad_token_id)
@@ -96,9 +114,9 @@ def stop_from(tok, ref, start, cut, n=2):
 
 def full_logprobs(model, prefix_and_prompt, tokens, temperature=1.0):
     """Log-probs of `tokens` from one forward pass over the whole sequence, no cache, no padding."""
-    ids = torch.tensor([prefix_and_prompt + tokens])
+    ids = torch.tensor([prefix_and_prompt + tokens], device=model.device)
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, len(prefix_and_prompt) - 1:-1].float()
+        logits = model(input_ids=ids).logits[0, len(prefix_and_prompt) - 1:-1].float().cpu()
     return torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
 
 
@@ -132,9 +150,10 @@ def test_many_rows_greedy_matches_hf_with_and_without_onednn(lm, path):
         assert [g.token_ids for g in gens] == ref
     assert torch.allclose(torch.tensor([x for g in runs[0] for x in g.logprobs]),
                           torch.tensor([x for g in runs[1] for x in g.logprobs]), atol=1e-4)
-    assert engine_mod._onednn_ok()                 # the CPU wheel ships oneDNN: the path above really ran
+    assert engine_mod._onednn_ok() or DEVICE.type != "cpu"   # the CPU wheel ships oneDNN: the path above really ran
 
 
+@cpu_only
 def test_onednn_linears_patch_and_restore(tiny):
     """Every float32 nn.Linear (LoRA adapters and their base layers included) is routed through
     oneDNN inside the context, with F.linear's results; forwards set by others are left alone;
@@ -164,6 +183,7 @@ def test_onednn_linears_patch_and_restore(tiny):
         assert all("forward" not in m.__dict__ for m in linears if m is not hooked)
 
 
+@cpu_only
 def test_kv_buffers_reused_across_calls(lm):
     """On CPU the batch KV cache lives in buffers kept between calls: bigger, smaller and prefixed
     batches through one engine give what fresh engines give, and a cached prefix is not overwritten
@@ -249,7 +269,8 @@ def test_prefix_cache_invalidated_when_weights_change(lm, update):
     if update == "adamw":                                          # a training step between turns
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=0.05)
-        model(input_ids=torch.tensor([prefix]), labels=torch.tensor([prefix])).loss.backward()
+        ids = torch.tensor([prefix], device=model.device)
+        model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
     else:                                                          # bypasses the version counter
         layer = model.model.layers[0].self_attn
@@ -283,9 +304,9 @@ def test_per_row_params_and_seeded_sampling(lm, path):
         if p is sampled[0]:        # T=1, no filter: the sampler's log-prob is the policy's
             assert torch.allclose(torch.tensor(g.logprobs), full_logprobs(model, prompt, g.token_ids), atol=1e-4)
         if p is sampled[1]:        # top-k 5 at T=0.7: tokens among the 5 best, log-probs renormalised
-            ids = torch.tensor([prompt + g.token_ids])
+            ids = torch.tensor([prompt + g.token_ids], device=model.device)
             with torch.no_grad():
-                logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1]
+                logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].cpu()
             top = logits.topk(5, -1).indices
             assert all(t in top[j] for j, t in enumerate(g.token_ids))
             assert all(lp > full for lp, full in zip(g.logprobs, full_logprobs(model, prompt, g.token_ids, 0.7)))
@@ -339,7 +360,7 @@ def test_training_flags_restored_and_no_graph(lm, path):
 def test_4bit_lora_model(tiny):
     pytest.importorskip("bitsandbytes")
     pytest.importorskip("peft")
-    model, tok = models.load_model(tiny, models.ModelSpec(load_in_4bit=True, lora_r=4), device="cpu")
+    model, tok = models.load_model(tiny, models.ModelSpec(load_in_4bit=True, lora_r=4, dtype="float32"), device=DEVICE)
     with torch.no_grad():                      # non-zero adapters, so LoRA is really in the forward
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -365,6 +386,7 @@ def test_zero_new_tokens(lm):
     assert len(gens[1].token_ids) <= 2
 
 
+@cpu_only
 def test_static_shape_decode_matches(lm, monkeypatch):
     """The CPU default (cache columns so far, the engine's own attention over V stored transposed),
     the static-shape step (whole-buffer attention, device-tensor column, rebuilt after compaction)
@@ -438,6 +460,7 @@ def test_concurrent_generate_calls_take_turns(lm):
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
+@cpu_only
 def test_onednn_failure_falls_back_once(lm, monkeypatch):
     """If oneDNN's op raises mid-call, the layer falls back to F.linear (same tokens), says so once,
     and later calls skip oneDNN."""

@@ -6,6 +6,9 @@ run resumes to exactly the state an uninterrupted run reaches.
 """
 import json
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +16,9 @@ import torch
 
 import dreamgym as dg
 import train
-from conftest import tiny_cfg
+from conftest import assert_same_run, run_state, tiny_cfg, toy_signal
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_full_pipeline_writes_everything(tiny_run):
@@ -32,6 +37,7 @@ def test_full_pipeline_writes_everything(tiny_run):
     assert {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json", "buffer.jsonl",
             "buffer.emb.safetensors"} <= files
     assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
+    assert open(os.path.join(ck, "latest")).read().strip() == f"{cfg.iterations:06d}"
     buf = [dg.Transition.from_dict(json.loads(x)) for x in open(os.path.join(cfg.out, "buffer.jsonl"))]
     dreamed = [t for t in buf if t.source == "dream"]
     valid_dreamed = rl_rows[-1]["dream_transitions"] - sum(r["invalid_actions"] for r in rl_rows)
@@ -81,48 +87,111 @@ def test_update_leaves_out_episodes_ended_by_a_failed_simulation(tiny_run):
     assert stats["agent_tokens"] == 4
 
 
-def _state(cfg):
-    out = {}
-    st = json.load(open(os.path.join(cfg.out, "ckpt", "state.json")))
-    out["rl"] = st["rl"]
-    from safetensors.torch import load_file
-    out["weights"] = load_file(os.path.join(cfg.out, "ckpt", "agent", "model.safetensors"))
-    out["buffer"] = open(os.path.join(cfg.out, "buffer.jsonl")).read()
-    out["metrics"] = [{k: v for k, v in json.loads(x).items() if k != "secs"}
-                      for x in open(os.path.join(cfg.out, "metrics.jsonl")) if '"stage": "rl"' in x]
-    return out
-
-
-def test_resume_after_a_crash_reaches_the_same_state(tiny_run, monkeypatch):
-    root, first, _ = tiny_run
-    shared = dict(exp_ckpt=os.path.join(first.out, "exp_model"), warm_ckpt=os.path.join(first.out, "agent_warm"),
-                  iterations=3, eval_every=0)
-    straight = tiny_cfg(root, "straight", **shared)
-    train.run(straight)
-
-    crashed = tiny_cfg(root, "crashed", **shared)
+def _crash_in_iteration(monkeypatch, n: int):
+    """update_policy raises in the n-th iteration (a crash mid-iteration, checkpoint of n - 1 kept)."""
     real_update, calls = train.update_policy, []
 
-    def dies_in_iteration_two(*a, **k):
+    def dies(*a, **k):
         calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated kill in the middle of iteration 2")
+        if len(calls) == n:
+            raise KeyboardInterrupt(f"simulated kill in the middle of iteration {n}")
         return real_update(*a, **k)
+    monkeypatch.setattr(train, "update_policy", dies)
+    return real_update
 
-    monkeypatch.setattr(train, "update_policy", dies_in_iteration_two)
+
+def test_resume_after_a_crash_reaches_the_same_state(straight_run, monkeypatch):
+    root, shared, straight = straight_run
+    crashed = tiny_cfg(root, "crashed", **shared)
+    toy_signal(monkeypatch.setattr)
+    real_update = _crash_in_iteration(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train.run(crashed)
-    assert json.load(open(os.path.join(crashed.out, "ckpt", "state.json")))["rl"]["iteration"] == 1
+    assert run_state(crashed.out)["rl"]["iteration"] == 1
     monkeypatch.setattr(train, "update_policy", real_update)
     train.run(tiny_cfg(root, "crashed", resume=True, **shared))
+    a, b = run_state(straight.out), run_state(crashed.out)
+    assert_same_run(a, b)
+    warm = train.load_lm(straight, shared["warm_ckpt"], torch.device("cpu"), trainable=False)
+    w = a["tensors"]["agent/model.safetensors/model.embed_tokens.weight"]
+    assert not torch.equal(w, warm.model.model.embed_tokens.weight), "the rewarded run must change the agent"
 
-    a, b = _state(straight), _state(crashed)
-    assert a["rl"] == b["rl"]
-    assert a["metrics"] == b["metrics"]
-    assert a["buffer"] == b["buffer"]
-    assert a["weights"].keys() == b["weights"].keys()
-    for k in a["weights"]:
-        assert torch.equal(a["weights"][k], b["weights"][k]), k
+
+def test_ppo_iteration_end_to_end_and_its_exact_resume(tiny_run, monkeypatch):
+    """PPO in the dream: value head, GAE in the update, its checkpoint, and an exact resume."""
+    root, first, _ = tiny_run
+    shared = dict(exp_ckpt=os.path.join(first.out, "exp_model"), warm_ckpt=os.path.join(first.out, "agent_warm"),
+                  iterations=2, eval_every=0, algo="ppo", taskgen=False)
+    toy_signal(monkeypatch.setattr)
+    straight = tiny_cfg(root, "ppo_straight", **shared)
+    train.run(straight)
+    a = run_state(straight.out)
+    head = a["tensors"]["value_head.safetensors/proj.weight"]
+    assert head.abs().sum() > 0, "the critic learned from the returns"
+    rows = a["metrics"]
+    assert all(r["vloss"] > 0 and r["vf_grad_norm"] > 0 and r["grad_norm"] > 0 for r in rows if r["stage"] == "rl")
+    crashed = tiny_cfg(root, "ppo_crashed", **shared)
+    real_update = _crash_in_iteration(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(crashed)
+    monkeypatch.setattr(train, "update_policy", real_update)
+    train.run(tiny_cfg(root, "ppo_crashed", resume=True, **shared))
+    assert_same_run(a, run_state(crashed.out))
+
+
+def test_real_mode_stops_at_its_budget_resumes_exactly_and_curves_use_the_curve_fold(tiny_run, monkeypatch):
+    root, first, _ = tiny_run
+    shared = dict(exp_ckpt=os.path.join(first.out, "exp_model"), warm_ckpt=os.path.join(first.out, "agent_warm"),
+                  mode="real", real_budget=8, iterations=10, eval_every=1)
+    toy_signal(monkeypatch.setattr)
+    calls, real_eval = [], dg.evaluate_agent
+    monkeypatch.setattr(dg, "evaluate_agent", lambda a, env, fold, n, *r, **k: calls.append((fold, n)) or
+                        real_eval(a, env, fold, n, *r, **k))
+    cfg = tiny_cfg(root, "real_straight", **shared)
+    res = train.run(cfg)
+    rows = [r for r in run_state(cfg.out)["metrics"] if r["stage"] == "rl"]
+    spent = [r["real_transitions"] for r in rows]
+    assert spent[-1] >= cfg.real_budget and all(x < cfg.real_budget for x in spent[:-1]), "stops once over budget"
+    per_iter = cfg.tasks_per_iter * cfg.group_size
+    assert [b - a for a, b in zip([0] + spent, spent)] == [round(r["turns"] * per_iter) for r in rows]
+    assert res["rl_real_transitions"] == spent[-1] and all(r["dream_transitions"] == 0 for r in rows)
+    curve = [c for c in calls if c[1] == cfg.curve_episodes]
+    assert len(curve) == len(rows) + 1 and {f for f, _ in curve} == {cfg.curve_fold} != {cfg.eval_fold}
+    assert {f for f, n in calls if n == cfg.eval_episodes} == {cfg.eval_fold}
+    crashed = tiny_cfg(root, "real_crashed", **shared)
+    real_update = _crash_in_iteration(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(crashed)
+    monkeypatch.setattr(train, "update_policy", real_update)
+    train.run(tiny_cfg(root, "real_crashed", resume=True, **shared))
+    assert_same_run(run_state(cfg.out), run_state(crashed.out))
+
+
+def test_bad_input_ends_the_run_at_once_in_one_line(tmp_path):
+    out, data = tmp_path / "out", tmp_path / "data"
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "train.py", "--agent_model", "/nonexistent/model", "--out", str(out),
+                           "--data_dir", str(data)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and time.time() - t0 < 120
+    lines = [x for x in proc.stderr.splitlines() if x.strip() and "Warning" not in x and "warn(" not in x]
+    assert len(lines) == 1 and lines[0].startswith(
+        "train.py: error: --agent_model /nonexistent/model: no such folder and not a known model name"), proc.stderr
+    assert not data.exists() and not out.exists(), "nothing collected, nothing written"
+    ok = dict(out=str(out), data_dir=str(data))
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    for bad, flag in [(dict(exp_model="tiny-xl"), "--exp_model tiny-xl"),
+                      (dict(exp_ckpt=str(tmp_path / "nope")), "--exp_ckpt"),
+                      (dict(warm_ckpt=str(tmp_path / "empty")), "--warm_ckpt"),
+                      (dict(exp_endpoint="localhost:8000", exp_endpoint_model="m"), "--exp_endpoint"),
+                      (dict(data_dir=str(tmp_path / "file" / "d")), "--data_dir"),
+                      (dict(annotator="teacher", teacher_model="no/such-model"), "--teacher_model")]:
+        with pytest.raises(ValueError, match=flag):
+            train.preflight(train.Config(**{**ok, **bad}).validate())
+    train.preflight(train.Config(**ok, exp_endpoint="http://localhost:8000/v1", exp_endpoint_model="m").validate())
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--temperature", "0"])
+    assert e.value.code == 2
 
 
 def test_keep_best_selects_on_the_curve_fold_and_reports_that_agent(tiny_run, tmp_path):
@@ -206,11 +275,15 @@ def test_table_s2r_continues_the_dream_run_exactly(tiny_run, tmp_path):
     assert secs(reused) == secs(str(tmp_path / "table" / "seed0" / "DreamGym-GRPO")), "the dream phase was not redone"
     alone = tiny_cfg(root, "s2r_alone", mode="s2r", **shared)
     train.run(alone)
-    a, b = _state(alone), _state(train.Config(**{**dataclasses.asdict(alone), "out": reused}))
-    assert a["rl"] == b["rl"] and a["rl"]["phase"] == "real" and a["rl"]["real_transitions"] >= 6
-    assert a["metrics"] == b["metrics"]
-    for k in a["weights"]:
-        assert torch.equal(a["weights"][k], b["weights"][k]), k
+    a, b = run_state(alone.out), run_state(reused)
+    assert a["rl"]["phase"] == "real" and a["rl"]["real_transitions"] >= 6
+    assert a["rl"] == b["rl"] and a["metrics"] == b["metrics"] and a["tensors"].keys() == b["tensors"].keys()
+    for k in a["tensors"]:
+        assert torch.equal(a["tensors"][k], b["tensors"][k]), k
+    # the real phase stops once its budget is spent: never a real iteration past it
+    spent = [r["real_transitions"] for r in a["metrics"] if r["stage"] == "rl" and r["phase"] == "real"]
+    assert spent and spent[-1] >= 6 and all(x < 6 for x in spent[:-1])
+    assert spent[-1] < 6 + alone.tasks_per_iter * alone.group_size * 3, "at most one iteration's worth over"
 
 
 def test_fidelity_retrieves_from_the_offline_real_data_only(tiny_run, monkeypatch):

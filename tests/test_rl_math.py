@@ -209,3 +209,166 @@ def test_curriculum_task_judge_can_be_switched_on():
     lm = TaskLM(verdict="yes")
     assert curriculum_round(train.RLState(), {REAL[0].id: [1, 0]}, lm, taskgen_judge=True)["accepted"] == 1
     assert lm.judged == 1
+
+
+# ----------------------------------------------------------------------------- the update step on a real model
+class OneTurnEnv:
+    """A batched env whose episodes last one turn: whatever the agent writes ends it."""
+
+    def reset(self, tasks):
+        self.n = len(tasks)
+        return [("room: kitchen\nactions: take apple | open fridge",
+                 {"admissible": ["take apple", "open fridge"], "instruction": "put the apple in the fridge"})
+                for _ in tasks]
+
+    def step(self, actions):
+        from envs import StepResult
+        return {i: StepResult("room: kitchen\nactions: open fridge", 0.0, True, {"success": False, "invalid": True})
+                for i in actions}
+
+
+def _agent(small_agent_dir):
+    import train
+    return train.load_lm(train.Config(), small_agent_dir, torch.device("cpu"), trainable=True)
+
+
+def _rollout(agent, n_tasks=3, g=3, seed=0, max_new_tokens=12):
+    """A real rollout: the engine samples, its log-probs are the old ones; rewards read off the tokens."""
+    from engine import SamplingParams
+    tasks = [Task("twc", "train", i // g) for i in range(n_tasks * g)]
+    eps = dg.run_episodes(agent, OneTurnEnv(), tasks, SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens),
+                          groups=[i // g for i in range(n_tasks * g)], generator=torch.Generator().manual_seed(seed))
+    for e in eps:
+        e.turns[-1].reward = e.reward = float(sum(e.turns[-1].response_ids) % 2)
+    return eps
+
+
+def _fixed_episodes(agent, n=8, turns=2, length=5, seed=0):
+    """Episodes of `turns` turns with `length`-token responses each, old log-probs from the model."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = agent.model.config.vocab_size
+    eps = []
+    for i in range(n):
+        e = dg.Episode(task=Task("twc", "train", i // 2), group=i // 2)
+        for j in range(turns):
+            prompt = torch.randint(5, vocab, (6 + i % 3,), generator=gen).tolist()
+            resp = torch.randint(5, vocab, (length,), generator=gen).tolist()
+            with torch.no_grad():
+                lp = dg.response_logprobs(agent.model, dg.pack([(prompt, resp)], agent.tokenizer.pad_token_id, "cpu"))[0]
+            e.turns.append(dg.Turn(prompt, resp, lp.tolist(), reward=float((i * 7 + j * 3) % 4 == 0) * (j + 1)))
+        e.reward = sum(t.reward for t in e.turns)
+        eps.append(e)
+    return eps
+
+
+def test_ppo_clips_the_policy_and_the_critic_each_on_their_own(small_agent_dir):
+    """A huge critic gradient must not shrink the policy's step: the policy's update is the same
+    whatever vf_coef is, and both norms are logged."""
+    import train
+    cfg = train.Config(algo="ppo", minibatches=2, update_epochs=1, max_grad_norm=0.5, lr=1e-2, lr_warmup=1)
+    runs = []
+    for vf_coef in (1e-3, 1e4):
+        agent = _agent(small_agent_dir)
+        eps = _fixed_episodes(agent)
+        head = train.ValueHead(agent.model.config.hidden_size)
+        params = [p for p in agent.model.parameters() if p.requires_grad] + list(head.parameters())
+        stats = train.update_policy(agent, torch.optim.SGD(params, lr=cfg.lr), eps,
+                                    train.Config(**{**cfg.__dict__, "vf_coef": vf_coef}), head, None)
+        runs.append((stats, {n: p.detach().clone() for n, p in agent.model.named_parameters()}))
+    (small, w_small), (big, w_big) = runs
+    for n in w_small:
+        assert torch.equal(w_small[n], w_big[n]), n
+    assert big["vf_grad_norm"] > 100 * cfg.max_grad_norm > small["vf_grad_norm"]
+    assert small["grad_norm"] == pytest.approx(big["grad_norm"], rel=1e-6) and small["grad_norm"] > cfg.max_grad_norm
+
+
+def test_ppo_advantages_are_whitened_over_the_iterations_turns(small_agent_dir, monkeypatch):
+    import train
+    agent = _agent(small_agent_dir)
+    eps = _fixed_episodes(agent, length=5)
+    seen = []
+    real = dg.policy_loss
+    monkeypatch.setattr(dg, "policy_loss", lambda logp, old, adv, *a: seen.append(adv.clone()) or real(logp, old, adv, *a))
+    head = train.ValueHead(agent.model.config.hidden_size)
+    for norm in (True, False):
+        seen.clear()
+        cfg = train.Config(algo="ppo", minibatches=1, update_epochs=1, norm_adv=norm, gamma=0.9)
+        train.update_policy(agent, torch.optim.SGD(list(head.parameters()), lr=0.0), eps, cfg, head, None)
+        per_turn = torch.cat(seen).reshape(-1, 5)              # every response is 5 tokens long
+        assert (per_turn == per_turn[:, :1]).all()
+        turn_adv = per_turn[:, 0].double()
+        assert len(turn_adv) == sum(len(e.turns) for e in eps)
+        if norm:
+            assert turn_adv.mean().item() == pytest.approx(0, abs=1e-6)
+            assert turn_adv.std().item() == pytest.approx(1, abs=1e-5)
+        else:
+            assert turn_adv.std().item() != pytest.approx(1, abs=1e-2)
+    with pytest.raises(ValueError, match="recompute_logprobs"):
+        train.Config(recompute_logprobs="sometimes").validate()
+
+
+def test_sampler_logprobs_are_the_updates_old_policy_in_float32(small_agent_dir):
+    """From a real rollout in float32: the first mini-batch's ratio is 1 (|ratio - 1| < 1e-4), and
+    the update's own forward ("always") gives the sampler's log-probs back."""
+    import train
+    agent = _agent(small_agent_dir)
+    eps = _rollout(agent)
+    turns = [t for e in eps for t in e.turns if t.response_ids]
+    cfg = train.Config(recompute_logprobs="always")
+    again = train.old_logprobs(agent, turns, cfg)
+    assert torch.allclose(torch.tensor([x for lp in again for x in lp]),
+                          torch.tensor([x for t in turns for x in t.logprobs]), atol=1e-4)
+    stats = train.update_policy(agent, torch.optim.SGD(agent.model.parameters(), lr=1e-3), eps, train.Config(), None, None)
+    assert stats["logprobs_recomputed"] is False            # auto: float32 keeps the sampler's
+    assert stats["ratio_dev"] < 1e-4 and stats["approx_kl"] >= 0 and "ref_kl" not in stats
+    with pytest.raises(ValueError, match="temperature"):
+        train.Config(temperature=0.0).validate()
+
+
+def test_a_bf16_agent_recomputes_its_old_logprobs(small_agent_dir):
+    import train
+    agent = _agent(small_agent_dir)
+    eps = _rollout(agent)                                   # sampled in float32 ...
+    agent.model.to(torch.bfloat16)                          # ... trained in bf16: the two forwards differ
+    devs = {}
+    for mode in ("never", "auto"):
+        stats = train.update_policy(agent, torch.optim.SGD(agent.model.parameters(), lr=0.0), eps,
+                                    train.Config(recompute_logprobs=mode), None, None)
+        devs[mode] = stats["ratio_dev"]
+        assert stats["logprobs_recomputed"] is (mode == "auto")
+    assert devs["auto"] < devs["never"] / 10
+
+
+def test_kl_term_pulls_back_toward_the_reference():
+    """The k3 KL is part of the loss's graph: with zero advantages its gradient alone is nonzero and
+    lowers log-probs above the reference's, raises those below."""
+    logp = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
+    ref = torch.tensor([-1.5, -1.0, -0.5])
+    surr, _ = dg.policy_loss(logp, logp.detach(), torch.zeros(3), ref_logp=ref, beta=0.1)
+    surr.sum().backward()
+    g = logp.grad
+    assert g[0] > 0 and g[1] < 0 and g[2] == 0             # descent moves logp toward ref
+
+
+def test_kl_only_update_moves_the_agent_toward_the_reference(small_agent_dir):
+    import train
+    agent, ref = _agent(small_agent_dir), _agent(small_agent_dir)
+    with torch.no_grad():
+        for p in ref.model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    eps = _fixed_episodes(agent)
+    for e in eps:                                           # equal rewards: every advantage is 0
+        e.reward = 1.0
+
+    def kl():
+        batch = dg.pack([(t.prompt_ids, t.response_ids) for e in eps for t in e.turns], agent.tokenizer.pad_token_id, "cpu")
+        with torch.no_grad():
+            lp, _, _ = dg.response_logprobs(agent.model, batch)
+            rp, _, _ = dg.response_logprobs(ref.model, batch)
+        return (torch.exp(rp - lp) - (rp - lp) - 1).mean().item()
+
+    before = kl()
+    cfg = train.Config(beta=1.0, lr=0.05, lr_warmup=1, minibatches=1, update_epochs=2)
+    stats = train.update_policy(agent, torch.optim.SGD(agent.model.parameters(), lr=cfg.lr), eps, cfg, None, ref)
+    assert kl() < before / 2
+    assert stats["ref_kl"] == pytest.approx(before, rel=0.5) and stats["grad_norm"] > 0
