@@ -135,9 +135,10 @@ def test_curriculum_samples_with_its_own_seeded_generator(tmp_path):
 
     cfg = tiny_cfg(tmp_path, "c", exp_model="tiny-s")
     real = [Task("twc", "train", i, instruction="tidy up", init_state=f"room: r{i}\nactions: go") for i in range(3)]
-    st = train.RLState(iteration=4, task_rewards={real[0].id: [0.0, 1.0], real[1].id: [1.0, 0.0, 0.0]})
+    st = train.RLState(iteration=4)
     before = torch.get_rng_state()
-    for _ in range(2):
+    for _ in range(2):                      # each round reads the groups played since the last one
+        st.task_rewards = {real[0].id: [0.0, 1.0], real[1].id: [1.0, 0.0, 0.0]}
         train.curriculum(cfg, st, Exp(), real, lambda **k: None)
     assert all(isinstance(g, torch.Generator) for g in seen) and len(seen) == 2
     assert seen[0].initial_seed() == seen[1].initial_seed()
