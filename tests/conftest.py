@@ -46,6 +46,7 @@ def rewarded(run_episodes):
             for t in e.turns:
                 t.reward = float(sum(t.response_ids) % 3 == 0)
             e.reward = sum(t.reward for t in e.turns)
+            e.exp_failed = False          # the toy M_exp rarely simulates a step: count its failures as steps
         return eps
     return play
 
@@ -60,7 +61,11 @@ def listed(step):
         for i, a in actions.items():
             ok = dg.parse_state_actions(self.states[i]) or []
             fixed[i] = ok[sum(map(ord, a or "")) % len(ok)] if ok and a not in ok else a
-        return step(self, fixed)
+        out = step(self, fixed)
+        for r in out.values():            # the toy M_exp's failed simulations still reach the buffer here
+            if r.info.get("transition") is not None:
+                r.info["transition"].model_failed = False
+        return out
     return play
 
 
