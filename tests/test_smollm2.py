@@ -183,15 +183,22 @@ def test_lora_update_with_adapter_reference(smol, tmp_path):
     spec = models.ModelSpec(name=NAME, lora_r=cfg.lora_r, grad_ckpt=True)
     model, tok = models.load_model(NAME, spec, "cpu")
     agent = dg.LocalLM(model, tok)
-    ref = models.AdapterReference(model)
     policy = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert policy and all("lora_" in n and ".default." in n for n in policy)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():                      # a warm-started adapter: B no longer 0
+        for n, p in policy.items():
+            if "lora_B" in n:
+                p.normal_(0, 0.01, generator=torch.Generator().manual_seed(len(n)))
     gen = torch.Generator().manual_seed(0)
     episodes = [_episode(agent, 0, 1.0, gen), _episode(agent, 1, 0.0, gen)]
     batch = dg.pack([(t.prompt_ids, t.response_ids) for e in episodes for t in e.turns], tok.pad_token_id, "cpu")
     with torch.no_grad():
         warm_logp = dg.response_logprobs(model, batch)[0]
+        ref = models.AdapterReference(model)
+        assert torch.equal(dg.response_logprobs(model, batch)[0], warm_logp)     # the snapshot moved nothing
+        with model.disable_adapter():          # "adapters off" is the pretrained base, not the warm start
+            assert not torch.allclose(dg.response_logprobs(model, batch)[0], warm_logp, atol=1e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     sampled = torch.tensor([x for e in episodes for t in e.turns for x in t.logprobs])
     # the sampler's log-probs are the update's "old" ones: equal to the training forward's in float32;
     # in bfloat16 (dtype auto on a bf16 CPU) the two GEMM shapes round differently (measured: mean 0.05)
@@ -202,7 +209,7 @@ def test_lora_update_with_adapter_reference(smol, tmp_path):
     stats = train.update_policy(agent, opt, episodes, cfg, None, ref)
     assert math.isfinite(stats["loss"]) and stats["agent_tokens"] == len(sampled)
     moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
-    assert moved and set(moved) <= set(policy) and any("lora_B" in n for n in moved)   # B starts at 0: A's grad is 0
+    assert moved and set(moved) <= set(policy) and any("lora_A" in n for n in moved)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(policy)
     with torch.no_grad():
         after = dg.response_logprobs(model, batch)[0]
@@ -210,10 +217,39 @@ def test_lora_update_with_adapter_reference(smol, tmp_path):
             reference = dg.response_logprobs(model, batch)[0]
     assert not torch.allclose(after, warm_logp, atol=1e-4)
     assert torch.allclose(reference, warm_logp, atol=1e-5)
-    assert model.active_adapter == "default"
+    assert model.active_adapter == "default" and model.training is False        # update_policy ends in eval
 
     models.save_model(model, tok, str(tmp_path / "agent"))
     files = sorted(os.listdir(tmp_path / "agent"))
     assert "adapter_model.safetensors" in files and "reference" not in files
     import json
     assert json.load(open(tmp_path / "agent" / "adapter_config.json"))["base_model_name_or_path"] == NAME
+
+
+def test_adapter_reference_on_a_4bit_base(tmp_path):
+    """The snapshot leaves an NF4 base alone (peft's state-dict loading would rewrite it) and reads
+    the adapter as it was; training flags and the active adapter are restored. A tiny model: no wheel."""
+    texts = ["feedback: You take the coin.\nroom: kitchen\nactions: take coin | move east"] * 20
+    models.train_tokenizer(texts, str(tmp_path / "tok"), vocab_size=300)
+    models.create_tiny(str(tmp_path / "m"), str(tmp_path / "tok"), preset="tiny-s", seed=0)
+    model, tok = models.load_model(str(tmp_path / "m"), models.ModelSpec(load_in_4bit=True, lora_r=4), "cpu")
+    batch = dg.pack([(tok("room: kitchen")["input_ids"], tok("take coin")["input_ids"])], tok.pad_token_id, "cpu")
+    lp = lambda: dg.response_logprobs(model, batch)[0]
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+        model.eval()                           # bitsandbytes' kernels differ a little between modes
+        warm = lp()
+        ref = models.AdapterReference(model)
+        assert torch.equal(lp(), warm)
+        for n, p in model.named_parameters():
+            if "lora_B.default" in n:
+                p.add_(0.05)
+        assert not torch.allclose(lp(), warm, atol=1e-3)
+        model.train()
+        with ref.active():
+            assert torch.equal(lp(), warm) and not model.training
+    assert model.training and model.active_adapter == "default"
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {n for n, _ in model.named_parameters() if "lora_" in n and ".default." in n}
