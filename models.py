@@ -101,7 +101,7 @@ def cpu_bf16() -> bool:
         return False
 
 
-BF16_MIN_PARAMS = 50_000_000     # below this, CPU float32 is as fast and the tiny presets train from scratch
+BF16_MIN_PARAMS = 50_000_000     # pretrained LMs; the tiny presets (1-4M parameters, from scratch) stay float32
 
 
 def approx_params(config) -> int:

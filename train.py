@@ -56,7 +56,8 @@ class Config:
     exp_model: str = "tiny"
     load_in_4bit: bool = False        # 4-bit NF4 base and LoRA: pretrained models only (a tiny preset
     lora_r: int = 0                   # is trained from scratch, all its weights)
-    dtype: str = "auto"               # auto (bfloat16 on CUDA and on bf16 CPUs for LoRA/frozen LMs >= 50M) | float32 | bfloat16
+    dtype: str = "auto"               # auto: bfloat16 on CUDA, and on bf16 CPUs for LoRA/frozen LMs >= 50M
+                                      # params (see models.ModelSpec) | float32 | bfloat16
     exp_endpoint: str = ""            # OpenAI-compatible URL: serve M_exp elsewhere (vLLM/SGLang)
     exp_endpoint_model: str = ""
     exp_ckpt: str = ""                # reuse a trained experience model (folder) instead of training one

@@ -21,7 +21,8 @@ NAME = "smollm2-135m"
 STATES = [  # TextWorldExpress states as envs/ renders them (coin, twc)
     ("Your task is to find the coin and take it.", [],
      "feedback: You are in the kitchen.\nroom: kitchen\nyou see: fridge (closed); counter; coin\n"
-     "exits: north (hallway), east (pantry)\ninventory: nothing\nactions: take coin | open fridge | move north | move east"),
+     "exits: north (hallway), east (pantry)\ninventory: nothing\n"
+     "actions: take coin | open fridge | move north | move east"),
     ("Your task is to pick up objects, then place them in their usual locations in the environment.",
      [("take used tissue", "You take the used tissue.")],
      "feedback: You take the used tissue.\nroom: living room\nyou see: wastepaper basket (closed); sofa\n"
@@ -92,7 +93,7 @@ def test_dtype_auto_picks_bf16_only_for_frozen_large_models_on_bf16_cpus(smol):
     assert models._dtype(models.ModelSpec(lora_r=16), cpu, big) == want
     assert models._dtype(models.ModelSpec(lora_r=16, dtype="float32"), cpu, big) == torch.float32
     assert models._dtype(models.ModelSpec(), cpu, big, full_training=True) == torch.float32
-    tiny = type(big)(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768, vocab_size=2048)
+    tiny = type(big)(vocab_size=2048, **models.TINY_PRESETS["tiny"])
     assert models._dtype(models.ModelSpec(), cpu, tiny) == torch.float32
 
 
@@ -170,7 +171,8 @@ def _episode(lm, group, reward, gen):
                        generator=gen)
     prefix = lm.prefix(dg.AGENT_SYSTEM)[1]
     e = dg.Episode(task=Task("coin", "train", group), reward=reward, group=0)
-    e.turns = [dg.Turn(prefix + lm.user_ids(dg.AGENT_SYSTEM, u), list(g.token_ids), list(g.logprobs)) for u, g in zip(us, gens)]
+    e.turns = [dg.Turn(prefix + lm.user_ids(dg.AGENT_SYSTEM, u), list(g.token_ids), list(g.logprobs))
+               for u, g in zip(us, gens)]
     e.turns[-1].reward = reward
     return e
 
