@@ -274,7 +274,8 @@ class Engine:
                 if not all(plain(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj,
                                               mlp.down_proj)):
                     return False
-                if not all(hasattr(n, "variance_epsilon") for n in (layer.input_layernorm, layer.post_attention_layernorm)):
+                norms = (layer.input_layernorm, layer.post_attention_layernorm)
+                if not all(hasattr(n, "variance_epsilon") for n in norms):
                     return False
                 if any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in layer.modules()):
                     return False
@@ -580,11 +581,12 @@ def _attention_function(config, name):
 
 def _cpu_decode_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """One query per row over the cache columns written so far (CPU decode step; `attention_mask` is
-    additive [B, 1, 1, L]): two batched matmuls and a softmax. On the AMD EPYC measured, SDPA's CPU kernel
-    was ~1.5x slower here; on a Sapphire Rapids-class Xeon it is 2-3x faster (`cpu_plan` picks). The scores are computed as K @ q (each row of K a dot
-    product, read in order), not q @ K^T: measured 1.6x faster on the KV cache read from memory, the
-    cost of this step. `key`/`value` may be [:, :, :L] views of the preallocated buffers: bmm reads
-    them in place. With GQA, a KV head's query heads are its GEMM's columns."""
+    additive [B, 1, 1, L]): two batched matmuls and a softmax. On the AMD EPYC measured, SDPA's CPU
+    kernel was ~1.5x slower here; on a Sapphire Rapids-class Xeon it is 2-3x faster (`cpu_plan`
+    picks). The scores are computed as K @ q (each row of K a dot product, read in order), not
+    q @ K^T: measured 1.6x faster on the KV cache read from memory, the cost of this step.
+    `key`/`value` may be [:, :, :L] views of the preallocated buffers: bmm reads them in place.
+    With GQA, a KV head's query heads are its GEMM's columns."""
     B, Hq, _, D = query.shape
     Hk, L = key.shape[1], key.shape[2]
     q = (query * (D ** -0.5 if scaling is None else scaling)).reshape(B * Hk, Hq // Hk, D)
@@ -840,6 +842,65 @@ def cpu_plan(config, batch: int, weight_dtype=torch.float32, dtype: str = "auto"
     plan = CpuPlan(pick, best[pick][1], best[pick][2], tuple((name(k), v) for k, v in ms.items()))
     _PLANS[key] = plan
     return plan
+
+
+# ----------------------------------------------------------------------------- training precision
+TRAIN_DTYPES = ("auto", "float32", "bfloat16")
+_TRAIN: dict = {}
+
+
+def train_dtype(model, request: str = "auto") -> torch.dtype | None:
+    """The dtype the training forward autocasts to, or None (no autocast: the weights' own dtype).
+    request: "float32" -> None; "bfloat16" -> bfloat16 autocast (float32 master weights stay float32);
+    "auto" -> bfloat16 on a CPU with AMX / AVX512-BF16 where a forward + backward of one of the model's
+    MLP blocks (1024 tokens) measured >= BF16_MARGIN faster than float32 (once per process and
+    shape, ~50 ms), else None; GPUs: None (real models load in bfloat16 there). A model whose weights
+    are already bfloat16 (or float16) trains in them: None."""
+    if request not in TRAIN_DTYPES:
+        raise ValueError(f"train_dtype {request!r}: use one of {TRAIN_DTYPES}")
+    p = next(model.parameters())
+    if request == "float32" or p.dtype != torch.float32:
+        return None
+    if request == "bfloat16":
+        return torch.bfloat16
+    if p.device.type != "cpu" or not bf16_native():
+        return None
+    return torch.bfloat16 if train_probe(getattr(model, "config", None))["bfloat16"] else None
+
+
+def train_probe(config) -> dict:
+    """{"bfloat16": chosen?, "ms": {"float32": ..., "bfloat16": ...}}: one MLP block's forward and
+    backward (1024 tokens, the model's hidden and MLP sizes) in float32 and under bfloat16 autocast,
+    interleaved, minimum of 3 rounds each."""
+    C = getattr(config, "hidden_size", 256)
+    I = getattr(config, "intermediate_size", None) or 4 * C
+    key = (C, I, torch.get_num_threads())
+    if key not in _TRAIN:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1024, C, generator=g, requires_grad=True)
+        w1 = torch.randn(2 * I, C, generator=g).mul_(C ** -0.5).requires_grad_()
+        w2 = torch.randn(C, I, generator=g).mul_(I ** -0.5).requires_grad_()
+
+        def block(bf16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                gate, up = F.linear(x, w1).chunk(2, -1)
+                y = x + F.linear(F.silu(gate) * up, w2)
+            y.float().square().mean().backward()
+        ms = _min_ms({"float32": lambda: block(False), "bfloat16": lambda: block(True)}, rounds=3)
+        ok = "bfloat16" in ms and ms["bfloat16"] * BF16_MARGIN < ms.get("float32", float("inf"))
+        _TRAIN[key] = {"bfloat16": ok, "ms": ms}
+    return _TRAIN[key]
+
+
+def train_autocast(model, request: str = "auto"):
+    """The context the training forward runs in (SFT, the policy update, held-out losses, and any
+    recomputation of old log-probs that must match them): bfloat16 autocast where `train_dtype`
+    says so, else nothing. Backward runs outside it, as autocast wants. Log-probs themselves are
+    computed in float32 (kernels.linear_logprobs leaves autocast for the LM head)."""
+    dt = train_dtype(model, request)
+    if dt is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=dt)
 
 
 def _knobs(rows, device) -> dict:
