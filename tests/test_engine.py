@@ -642,3 +642,53 @@ def test_cpu_plan_real_probe_and_fallbacks(monkeypatch):
     monkeypatch.setattr(engine_mod.F, "scaled_dot_product_attention", boom)
     with pytest.warns(UserWarning, match="failed in the CPU probe"):
         assert engine_mod.cpu_plan(cfg, 10, dtype="float32").attention == "own"
+
+
+# ----------------------------------------------------------------------------- training precision
+def test_train_dtype_requests_and_auto(lm, monkeypatch):
+    model, _ = lm
+    assert engine_mod.train_dtype(model, "float32") is None
+    assert engine_mod.train_dtype(model, "bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError):
+        engine_mod.train_dtype(model, "fp8")
+    monkeypatch.setattr(engine_mod, "_TRAIN", {})
+    monkeypatch.setattr(engine_mod, "bf16_native", lambda: False)         # e.g. an AVX2-only CPU
+    assert engine_mod.train_dtype(model, "auto") is None and not engine_mod._TRAIN
+    monkeypatch.setattr(engine_mod, "bf16_native", lambda: True)
+    monkeypatch.setattr(engine_mod, "_min_ms", lambda fns, rounds=3: {"float32": 10.0, "bfloat16": 9.0})
+    assert engine_mod.train_dtype(model, "auto") is None                  # faster, but within the margin
+    monkeypatch.setattr(engine_mod, "_TRAIN", {})
+    monkeypatch.setattr(engine_mod, "_min_ms", lambda fns, rounds=3: {"float32": 10.0, "bfloat16": 4.0})
+    assert engine_mod.train_dtype(model, "auto") == torch.bfloat16
+    assert isinstance(engine_mod.train_autocast(model, "auto"), torch.autocast)
+    model.to(torch.bfloat16)                                             # trains in its own dtype
+    try:
+        assert engine_mod.train_dtype(model, "bfloat16") is None
+    finally:
+        model.to(torch.float32)
+
+
+def test_autocast_forward_keeps_logprobs_float32(lm):
+    """Under the training autocast the decoder runs in bfloat16 but the fused LM-head log-probs are
+    float32 from the float32 head (equal to the head applied by hand in float32 to the same hidden
+    states), close to the float32 forward's; gradients reach the float32 master weights."""
+    import dreamgym as dg
+    from kernels.logprobs import linear_logprobs_ref
+    model, tok = lm
+    seqs = [(p, p[:5]) for p in prompts(tok, lens=(12, 20, 7), seed=3)]
+    batch = dg.pack(seqs, tok.pad_token_id, "cpu")
+    model.train()
+    ref, _, _ = dg.response_logprobs(model, batch)
+    with engine_mod.train_autocast(model, "bfloat16"):
+        logp, ent, _ = dg.response_logprobs(model, batch)
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    assert logp.dtype == ent.dtype == torch.float32 and hidden.dtype == torch.float32
+    by_hand, _ = linear_logprobs_ref(hidden.reshape(-1, hidden.shape[-1])[batch["target_pos"]].detach(),
+                                     model.lm_head.weight.detach(), batch["targets"])
+    assert torch.allclose(logp.detach(), by_hand, atol=1e-5)
+    assert not torch.equal(logp, ref) and torch.allclose(logp, ref, atol=0.1)
+    (-logp.mean()).backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    model.zero_grad(set_to_none=True)
+    model.eval()
