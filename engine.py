@@ -254,9 +254,10 @@ class Engine:
         return cpu_plan(self.config, self.max_batch, w.dtype, dtype, self.onednn_linear, self.decode_attention)
 
     def _lean_eligible(self) -> bool:
-        """Plain Llama-type layers on CPU (nn.Linear projections, RMSNorms, SiLU MLP) with no hooks or
-        replaced forwards anywhere in them: what `_lean_forward` computes is then what the modules would.
-        LoRA / 4-bit layers, hooks and the static step (tests) go through the modules."""
+        """Plain Llama-type layers on CPU (nn.Linear projections, or peft LoRA layers over them, whose
+        adapters are folded into the lean weights; RMSNorms, SiLU MLP) with no hooks or replaced
+        forwards anywhere in them: what `_lean_forward` computes is then what the modules would. 4-bit
+        layers, LoRA variants (DoRA), hooks and the static step (tests) go through the modules."""
         dev = self._device()
         if not (self.lean and dev.type == "cpu" and self._decoder is not None and not self._static(dev)):
             return False
@@ -265,7 +266,7 @@ class Engine:
             return False
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return False
-        plain = lambda m: type(m) is nn.Linear and "forward" not in m.__dict__
+        plain = lambda m: _linear_weight(m) is not None
         try:
             if not plain(self._head) or not hasattr(self._decoder.norm, "variance_epsilon"):
                 return False
@@ -662,19 +663,48 @@ def _onednn_linears(model, enabled):
 
 
 # ----------------------------------------------------------------------------- the lean forward's parts
+def _linear_weight(m):
+    """(weight, bias) that module `m` applies as a linear layer, or None if it is not one the lean
+    forward can fold: an nn.Linear's own (no replaced forward); a peft LoRA layer over an nn.Linear:
+    its base weight plus scaling * B @ A of each active, unmerged plain-LoRA adapter (the same linear
+    map; in eval mode its dropout is the identity). DoRA and other variants, LoRA biases, and adapters
+    switched off while merged (peft would unmerge them in the forward) are not folded."""
+    nn = torch.nn
+    if "forward" in m.__dict__:
+        return None
+    if type(m) is nn.Linear:
+        return m.weight.detach(), None if m.bias is None else m.bias.detach()
+    base = getattr(m, "base_layer", None)
+    if type(base) is not nn.Linear or not hasattr(m, "lora_A") or "forward" in base.__dict__:
+        return None
+    w = base.weight.detach()
+    if m.merged:
+        return None if m.disable_adapters else (w, None if base.bias is None else base.bias.detach())
+    if not m.disable_adapters:
+        for name in m.active_adapters:
+            if name not in m.lora_A.keys():
+                continue
+            a, b = m.lora_A[name], m.lora_B[name]
+            if name in getattr(m, "lora_variant", {}) or type(a) is not nn.Linear or type(b) is not nn.Linear \
+                    or b.bias is not None or a.bias is not None:
+                return None
+            w = w + m.scaling[name] * (b.weight.detach().to(w.dtype) @ a.weight.detach().to(w.dtype))
+    return w, None if base.bias is None else base.bias.detach()
+
+
 class _Linear:
     """One linear of the lean forward, several modules fused along the output (QKV, gate/up): weights
-    in the plan's dtype, packed for oneDNN when the plan says so. The input is cast to that dtype and
-    the output stays in it: autocast's rule for a linear."""
+    (LoRA adapters folded in, see `_linear_weight`) in the plan's dtype, packed for oneDNN when the
+    plan says so. The input is cast to that dtype and the output stays in it: autocast's rule."""
     __slots__ = ("w", "b", "packed")
 
     def __init__(self, mods, dtype, onednn):
-        w = torch.cat([m.weight.detach() for m in mods]) if len(mods) > 1 else mods[0].weight.detach()
+        parts = [_linear_weight(m) for m in mods]
+        w = torch.cat([w for w, _ in parts]) if len(parts) > 1 else parts[0][0]
         self.w = w.to(dtype).contiguous()
         self.b = None
-        if any(m.bias is not None for m in mods):
-            self.b = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
-                                for m in mods]).to(dtype)
+        if any(b is not None for _, b in parts):
+            self.b = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts]).to(dtype)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.w) if onednn and _onednn_ok() else None
 
     def __call__(self, x):

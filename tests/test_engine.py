@@ -692,3 +692,30 @@ def test_autocast_forward_keeps_logprobs_float32(lm):
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     model.zero_grad(set_to_none=True)
     model.eval()
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_adapters_folded_into_the_lean_weights(tiny, dora):
+    """A LoRA model (float32 base, non-zero adapters) runs the lean forward with W + scale * B @ A per
+    layer: HF's greedy tokens and a full forward's log-probs; a changed adapter (an RL step) rebuilds
+    the lean weights. DoRA is not folded: those layers go through their modules."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    model, tok = models.load_model(tiny, device="cpu")
+    model = get_peft_model(_scale(model), LoraConfig(r=4, lora_alpha=8, use_dora=dora, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    rows = prompts(tok, lens=(5, 17, 1, 30, 9, 12))
+    p = SamplingParams(temperature=0.0, max_new_tokens=8)
+    eng = Engine(model, tok, eos_token_ids=())
+    assert eng._lean_eligible() == (not dora)
+    gens = eng.generate(rows, p)
+    assert [g.token_ids for g in gens] == hf_greedy(model, tok, rows, 8)
+    for g, prompt in zip(gens, rows):
+        assert torch.allclose(torch.tensor(g.logprobs), full_logprobs(model, prompt, g.token_ids), atol=1e-4)
+    with torch.no_grad():
+        next(w for n, w in model.named_parameters() if "lora_A" in n).mul_(-2.0)
+    assert [g.token_ids for g in eng.generate(rows, p)] == hf_greedy(model, tok, rows, 8)
