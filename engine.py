@@ -456,7 +456,10 @@ class Engine:
             else:
                 T1 = T
             if T1 > 1 and s == 0:        # prefill, nothing cached before: causal over the new states
-                o = F.scaled_dot_product_attention(q.transpose(1, 2).to(W.dtype), k.to(W.dtype), v.to(W.dtype),
+                # K and V as the cache holds them (already in its dtype); V stored transposed is slow to read
+                # for SDPA, so then the new states
+                vs = v.to(W.dtype) if cache.vt else V[rows, :, :e]
+                o = F.scaled_dot_product_attention(q.transpose(1, 2).to(W.dtype), K[rows, :, :e], vs,
                                                    is_causal=True, scale=W.scaling, enable_gqa=Hq != Hk)
                 o = o.transpose(1, 2).reshape(B, T, Hq * D)
             elif T1 > 1:                  # prefill after a cached prefix
@@ -755,9 +758,14 @@ def _rms(h, weight, eps):
 
 
 def _rope(x, cos, sin):
-    """apply_rotary_pos_emb's op sequence (x * cos + rotate_half(x) * sin), for q and k in one go."""
+    """apply_rotary_pos_emb (x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1)), for q and k
+    in one go, bitwise the same (tested): x * cos, then x2 * sin1 subtracted from the first half
+    (a + (-b) is a - b in IEEE arithmetic) and x1 * sin2 added to the second, with no concatenation."""
     d = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., d:], x[..., :d]), -1) * sin
+    out = x * cos
+    out[..., :d] -= x[..., d:] * sin[..., :d]
+    out[..., d:] += x[..., :d] * sin[..., d:]
+    return out
 
 
 # ----------------------------------------------------------------------------- what runs fastest on this CPU

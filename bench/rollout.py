@@ -4,8 +4,9 @@
     python bench/rollout.py --threads 2 --prefix 64
     python bench/rollout.py --device cuda --preset qwen0.5b
     python bench/rollout.py --run runs/default   # + the main job's dreamed episodes, end to end
+    python bench/rollout.py --model PATH --lora 16 --batch 32 --new 32 --no-dream   # a real model (SmolLM2-135M)
 
-1. decode: greedy, no stop strings, EOS ignored by both (min_new_tokens for HF), so both produce
+1. decode: greedy, no stop strings, EOS an ordinary token for both (eos_token_id=None for HF), so both produce
    batch x new tokens; same threads. The engine computes in the dtype its CPU plan chose (`--dtype
    auto`: bfloat16 for a float32 model where the CPU has AMX / AVX512-BF16 and it measured faster;
    see engine.cpu_plan, printed first). HF runs its normal generate (use_cache=True) on the model as
@@ -129,7 +130,8 @@ def bench_decode(model, tok, a):
         # bfloat16 path computes a float32 model)
         with torch.no_grad(), torch.autocast(DEVICE.type, dtype=cdt, enabled=autocast):
             return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=a.new,
-                                  min_new_tokens=a.new, use_cache=True, pad_token_id=tok.pad_token_id)
+                                  min_new_tokens=a.new, eos_token_id=None, use_cache=True,
+                                  pad_token_id=tok.pad_token_id)
 
     runs = {"engine": lambda: eng.generate(prompts, params, prefix=prefix or None), "hf": run_hf}
     if cdt != mdt:
@@ -321,6 +323,10 @@ def main():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--prefix", type=int, default=0, help="shared prefix length (part of every prompt)")
     ap.add_argument("--preset", default="tiny", help="tiny | tiny-s | tiny-m | qwen0.5b (CUDA)")
+    ap.add_argument("--model", default="", help="instead of a preset: a local HF folder or a name models.load_model "
+                    "knows (e.g. a converted SmolLM2-135M)")
+    ap.add_argument("--lora", type=int, default=0, help="with --model: LoRA adapters of this rank (non-zero)")
+    ap.add_argument("--model-dtype", default="auto", help="with --model: the weights' dtype (ModelSpec.dtype)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                     help="the engine's compute dtype (auto: measured per CPU, see engine.cpu_plan)")
@@ -335,7 +341,18 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as root:
-        if a.preset == "qwen0.5b":
+        if a.model:
+            model, tok = models.load_model(a.model, models.ModelSpec(lora_r=a.lora, dtype=a.model_dtype), device=DEVICE,
+                                           trainable=False)
+            if a.lora:               # non-zero adapters, so that LoRA is really in the forward
+                g = torch.Generator().manual_seed(0)
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        if "lora_B" in n:
+                            p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+            model.eval()
+            a.preset = os.path.basename(a.model.rstrip("/")) + (f" + LoRA r={a.lora}" if a.lora else "")
+        elif a.preset == "qwen0.5b":
             if DEVICE.type != "cuda":
                 sys.exit("--preset qwen0.5b needs --device cuda")
             model, tok = qwen05b(root)
@@ -348,7 +365,8 @@ def main():
             from engine import bf16_native, cpu_plan
             print(f"cpu: {cpu_name()} ({platform.machine()}, bfloat16 native: {bf16_native()}, "
                   f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()})")
-            print("engine plan: " + cpu_plan(model.config, a.batch, model.dtype, a.dtype).describe())
+            cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+            print("engine plan: " + cpu_plan(cfg, a.batch, model.dtype, a.dtype).describe())
         print("== decode (greedy, no stop)")
         speedup = bench_decode(model, tok, a)
     if not a.no_dream:

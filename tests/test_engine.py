@@ -719,3 +719,24 @@ def test_lora_adapters_folded_into_the_lean_weights(tiny, dora):
     with torch.no_grad():
         next(w for n, w in model.named_parameters() if "lora_A" in n).mul_(-2.0)
     assert [g.token_ids for g in eng.generate(rows, p)] == hf_greedy(model, tok, rows, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_norm_and_rope_are_the_modules_bitwise(dtype):
+    """_rms and _rope compute exactly what LlamaRMSNorm and apply_rotary_pos_emb compute (float32
+    residual stream / bfloat16 model; q and k as strided views of a fused QKV output, as the lean forward
+    passes them), so that greedy tokens can match HF's."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(3, 7, 48, generator=g) * 3).to(dtype)
+    norm = LlamaRMSNorm(48, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(48, generator=g) + 0.5)
+        assert torch.equal(engine_mod._rms(h, norm.weight, norm.variance_epsilon), norm(h))
+    qkv = torch.randn(3, 7, 5, 16, generator=g).to(dtype)                     # [B, T, heads, D]: 2 q, 1 k, 2 v
+    cos, sin = torch.randn(3, 7, 16, generator=g).to(dtype), torch.randn(3, 7, 16, generator=g).to(dtype)
+    if dtype == torch.bfloat16:                                              # a float32 model under autocast: float32
+        cos, sin = cos.float(), sin.float()
+    q_ref, k_ref = apply_rotary_pos_emb(qkv[:, :, :2].transpose(1, 2), qkv[:, :, 2:3].transpose(1, 2), cos, sin)
+    both = engine_mod._rope(qkv[:, :, :3], cos[:, :, None], sin[:, :, None])
+    assert torch.equal(both[:, :, :2].transpose(1, 2), q_ref) and torch.equal(both[:, :, 2:].transpose(1, 2), k_ref)
