@@ -15,34 +15,46 @@ In the spirit of nano-vllm, for one process and any Hugging Face causal LM:
 * finished rows leave the batch: the KV cache is compacted (index_select on the batch dim) once
   a quarter of the rows are done, so the batch never decodes much padding.
 
-Two forward paths, both through the model's own modules (LoRA and 4-bit layers included):
-* fast (Llama / Qwen2 / Qwen3 / Mistral with SDPA or eager attention): the decoder layers are
-  called directly with a preallocated cache (`KVCache`: written in place, no torch.cat per step)
-  and our own boolean mask; prompts are right-padded, so without a cached prefix the prefill is
-  plain causal attention, in row chunks so that activations stay in CPU caches; the final layer's
-  MLP runs on each row's last position only (the only logits used);
+Forward paths:
+* lean (CPU, plain Llama / Qwen2 / Mistral layers: nn.Linear projections, RMSNorms, SiLU MLP, no
+  hooks): `_lean_forward`, the decoder in a few ops per layer with fused QKV and gate/up linears
+  (`_LeanModel`, built once per weights version) and a preallocated cache (`KVCache`: written in
+  place, no torch.cat per step). It computes in the dtype `cpu_plan` chose for this CPU: bfloat16 for
+  a float32 model where the CPU has AMX / AVX512-BF16 and it measured faster, with autocast's numerics
+  (bfloat16 linears, attention and KV cache; float32 residual stream, norms and RoPE), else the
+  model's dtype. Prompts are right-padded, so without a cached prefix the prefill is plain causal
+  SDPA, in row chunks so that activations stay in CPU caches; the final layer's attention and MLP run
+  on each row's last position only (the only logits used);
+* fast (the same cache and masks through the decoder layers' own modules: LoRA and 4-bit layers,
+  hooks, Qwen3; SDPA or eager attention): the layers are called directly with our own boolean mask;
 * generic (any other model, flash-attention-2, sliding windows longer than the window): the
   model's forward with a `DynamicCache`, a 2D attention mask and explicit position_ids.
 On CUDA the fast path's decode step runs with static shapes (attention over the whole preallocated
 cache, unwritten columns zero and masked) and is captured in a CUDA graph (`cuda_graphs=True`),
 recaptured after each compaction; a failed capture falls back to eager. The capture/replay is NOT
 tested (no GPU on the test machines); the static-shape step it captures is, on CPU. On CPU the step
-attends over the columns written so far with the engine's own attention (`_cpu_decode_attention`:
-two bmm that read K and V along memory rows, V stored transposed for it), the KV buffers are kept
-between calls, and float32 linears run through oneDNN (`_onednn_linears`), which on AMD CPUs is
-~2.5x PyTorch's default GEMM. Concurrent `generate` calls take turns (one process-wide lock).
+attends over the columns written so far, the KV buffers are kept between calls, and what is fastest
+differs by CPU, so `cpu_plan` measures it once per process and model shape (a few ms to ~0.1 s):
+the compute dtype, F.linear or oneDNN's packed linear (`_onednn_linears` on the module path;
+PyTorch's MKL GEMMs run AVX2 code on AMD, where oneDNN was ~2.5x faster, and are the faster ones on
+Intel), and the decode attention: SDPA or the engine's own two bmm (`_cpu_decode_attention`, V
+stored transposed; faster on AMD, slower than SDPA on Intel Xeons). Concurrent `generate` calls
+take turns (one process-wide lock).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from kernels import sample
 
@@ -66,6 +78,7 @@ class Generation:
 
 
 FAST_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+LEAN_MODEL_TYPES = ("llama", "qwen2", "mistral")      # Qwen3's per-head q/k norms go through its modules
 
 
 class KVCache:
@@ -125,17 +138,31 @@ class _Row:
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 64, prefix_cache_size: int = 8,
                  prefill_tokens: int | None = None, compact_fraction: float = 0.25, cuda_graphs: bool = True,
-                 fast_path: bool = True, eos_token_ids=None, onednn_linear: bool = True):
+                 fast_path: bool = True, eos_token_ids=None, onednn_linear="auto", dtype: str = "auto",
+                 decode_attention: str = "auto", lean: bool = True):
         """max_batch: rows decoded together; prefill_tokens: tokens per prefill chunk (fast path;
         default 1024 on CPU, 16384 on GPU); compact_fraction: share of finished rows in the batch
         that triggers KV compaction (0: at every finish); fast_path=False forces the generic HF
         forward; eos_token_ids: None = the tokenizer's EOS plus generation_config's (read at each
-        call), () = never stop on EOS (benchmarks); onednn_linear: on CPU, float32 nn.Linear layers
-        run through oneDNN with weights packed at each call (see `_onednn_linears`)."""
-        self.eos_token_ids, self.onednn_linear = eos_token_ids, onednn_linear
-        # CPU decode: the dynamic step (cache columns written so far) with `_cpu_decode_attention`;
-        # tests switch to the static step (what CUDA graphs capture) / to the model's own attention
-        self._static_on_cpu, self._cpu_attention = False, True
+        call), () = never stop on EOS (benchmarks).
+        CPU only, each "auto" decided by `cpu_plan`'s measurements on this CPU at the model's shapes:
+        dtype: compute dtype of the lean forward ("auto" | "float32" | "bfloat16"; auto: bfloat16 for a
+        float32 model where the CPU has AMX / AVX512-BF16 and it measured faster, with autocast's
+        numerics); onednn_linear: linears through oneDNN with packed weights ("auto" | True | False);
+        decode_attention: "auto" | "own" (`_cpu_decode_attention`) | "sdpa"; lean: plain Llama-type
+        layers run through `_lean_forward` (others, e.g. LoRA / 4-bit, through their modules)."""
+        if dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype {dtype!r}: use auto, float32 or bfloat16")
+        if decode_attention not in ("auto", "own", "sdpa"):
+            raise ValueError(f"decode_attention {decode_attention!r}: use auto, own or sdpa")
+        if onednn_linear not in ("auto", True, False):
+            raise ValueError(f"onednn_linear {onednn_linear!r}: use auto, True or False")
+        self.eos_token_ids, self.onednn_linear, self.dtype = eos_token_ids, onednn_linear, dtype
+        self.decode_attention, self.lean = decode_attention, lean
+        # CPU decode: the dynamic step (cache columns written so far); tests switch to the static step
+        # (what CUDA graphs capture, through the model's modules) / force the decode attention of the
+        # module path (None: the plan's choice)
+        self._static_on_cpu, self._cpu_attention = False, None
         from transformers import AttentionInterface
         AttentionInterface.register(CPU_DECODE_ATTENTION, _cpu_decode_attention)
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
@@ -150,6 +177,10 @@ class Engine:
         self._decoder, self._head = self._fast_parts(base) if fast_path else (None, None)
         if self.prefill_tokens is None:     # CPU: 4 rows of 256 measured best (vs 2048 / 512); GPU: big launches
             self.prefill_tokens = 1024 if self._device().type == "cpu" else 16384
+        # set for the duration of one generate call (under _GENERATE_LOCK): the plan, the lean
+        # forward's weights (None: the model's modules) and the KV cache's dtype and V layout
+        self._run_plan, self._lean_model, self._lean_cached = None, None, None
+        self._kv_dtype, self._kv_vt, self._call_key = None, False, None
 
     # ------------------------------------------------------------------ public
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
@@ -173,17 +204,30 @@ class Engine:
             modes = [m.training for m in self.model.modules()]
             self.model.eval()
             try:
-                with torch.no_grad(), _onednn_linears(self.model, self.onednn_linear):
-                    for s in range(0, len(order), self.max_batch):
-                        self._run_batch(order[s:s + self.max_batch], head, generator)
+                with torch.no_grad():
+                    self._setup_call()
+                    with _onednn_linears(self.model, self._lean_model is None and self._run_plan is not None
+                                         and self._run_plan.onednn):
+                        for s in range(0, len(order), self.max_batch):
+                            self._run_batch(order[s:s + self.max_batch], head, generator)
             finally:
+                self._lean_model = None
                 for m, mode in zip(self.model.modules(), modes):
                     m.training = mode
         return [self._result(r) for r in rows]
 
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype this engine samples in for its model: the lean forward's plan dtype (on CPU, for a
+        plain Llama-type model) or the model's own. Decided by measurement once per process and shape."""
+        plan = self._plan()
+        if plan is not None and self._lean_eligible():
+            return plan.dtype
+        return self.model.get_input_embeddings().weight.dtype
+
     def clear_prefix_cache(self):
         """For weight changes `_weights_key` cannot see (e.g. frozen weights rewritten via .data)."""
         self._prefix.clear()
+        self._lean_cached = None
 
     # ------------------------------------------------------------------ setup
     def _fast_parts(self, base):
@@ -200,6 +244,70 @@ class Engine:
         sliding = "sliding_attention" in (getattr(cfg, "layer_types", None) or []) or cfg.model_type == "mistral"
         window = getattr(cfg, "sliding_window", None)
         return not (sliding and window is not None and length > window)
+
+    def _plan(self, module_path: bool = False):
+        """The CPU plan for this model (None off CPU). The module path runs in the weights' dtype."""
+        w = self.model.get_input_embeddings().weight
+        if w.device.type != "cpu":
+            return None
+        dtype = str(w.dtype).replace("torch.", "") if module_path else self.dtype
+        return cpu_plan(self.config, self.max_batch, w.dtype, dtype, self.onednn_linear, self.decode_attention)
+
+    def _lean_eligible(self) -> bool:
+        """Plain Llama-type layers on CPU (nn.Linear projections, or peft LoRA layers over them, whose
+        adapters are folded into the lean weights; RMSNorms, SiLU MLP) with no hooks or replaced
+        forwards anywhere in them: what `_lean_forward` computes is then what the modules would. 4-bit
+        layers, LoRA variants (DoRA), hooks and the static step (tests) go through the modules."""
+        dev = self._device()
+        if not (self.lean and dev.type == "cpu" and self._decoder is not None and not self._static(dev)):
+            return False
+        cfg, nn = self.config, torch.nn
+        if cfg.model_type not in LEAN_MODEL_TYPES or getattr(cfg, "hidden_act", None) != "silu":
+            return False
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return False
+        plain = lambda m: _linear_weight(m) is not None
+        try:
+            if not plain(self._head) or not hasattr(self._decoder.norm, "variance_epsilon"):
+                return False
+            for layer in self._decoder.layers:
+                a, mlp = layer.self_attn, layer.mlp
+                if not all(plain(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj,
+                                              mlp.down_proj)):
+                    return False
+                norms = (layer.input_layernorm, layer.post_attention_layernorm)
+                if not all(hasattr(n, "variance_epsilon") for n in norms):
+                    return False
+                if any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in layer.modules()):
+                    return False
+        except AttributeError:
+            return False
+        return True
+
+    def _setup_call(self):
+        """Plan, lean weights and KV cache layout for one generate call. The lean weights (fused, in
+        the plan's dtype, packed) are kept while the weights do not change (`_weights_key`): a frozen
+        model (M_exp during RL) pays the conversion once."""
+        w = self.model.get_input_embeddings().weight
+        self._run_plan, self._lean_model, self._call_key = None, None, None
+        self._kv_dtype, self._kv_vt = w.dtype, False
+        if w.device.type != "cpu":
+            return
+        lean = self._lean_eligible()
+        self._run_plan = plan = self._plan(module_path=not lean)
+        if lean:
+            key = (self._weights(), plan.dtype, plan.onednn)
+            if self._lean_cached is None or self._lean_cached[0] != key:
+                self._lean_cached = None                                # the old copy goes first
+                self._lean_cached = (key, _LeanModel(self._decoder, self._head, plan))
+            self._lean_model, self._kv_dtype = self._lean_cached[1], plan.dtype
+        self._kv_vt = not self._static(w.device) and self._own_attention(w.device)
+
+    def _weights(self):
+        """`_weights_key()` once per call."""
+        if self._call_key is None:
+            self._call_key = self._weights_key()
+        return self._call_key
 
     def _check_lengths(self, prompts, params, prefix):
         limit = getattr(self.config, "max_position_embeddings", None)
@@ -233,8 +341,8 @@ class Engine:
 
     def _prefix_kv(self, head: list[int], fast: bool):
         """[(k, v)] per layer, each [1, H, P, D], for the shared prefix (LRU cached)."""
-        weights = self._weights_key()
-        key = (tuple(head), fast, weights)
+        weights = self._weights()
+        key = (tuple(head), (fast, self._lean_model is not None, self._kv_dtype), weights)
         if key in self._prefix:
             self._prefix.move_to_end(key)
             return self._prefix[key]
@@ -244,7 +352,11 @@ class Engine:
         pos = torch.arange(len(head), device=ids.device)[None]
         if fast:
             cache = self._new_cache(1, len(head), reuse=False)      # kept: must not share the batch buffers
-            self._fast_forward(ids, pos, self._prefill_mask(torch.ones_like(ids, dtype=torch.bool), 0), cache)
+            valid = torch.ones_like(ids, dtype=torch.bool)
+            if self._lean_model is not None:
+                self._lean_forward(ids, pos, cache, valid)
+            else:
+                self._fast_forward(ids, pos, self._prefill_mask(valid, 0), cache)
             kv = [(cache.k[i], cache.values(i)) for i in range(len(cache.k))]
         else:
             from transformers import DynamicCache
@@ -268,13 +380,17 @@ class Engine:
         # CPU: buffers reused across calls (the GPU's caching allocator already reuses its blocks);
         # V stored transposed for the engine's own decode attention (the static step reads the buffers
         # as the model's attention expects them)
-        return KVCache(len(self._decoder.layers), B, H, L, D, w.dtype, w.device, zero=static,
-                       v_transposed=not static and self._own_attention(w.device),
-                       buffers=self._kv_buffers if cpu and reuse else None)
+        return KVCache(len(self._decoder.layers), B, H, L, D, self._kv_dtype or w.dtype, w.device, zero=static,
+                       v_transposed=self._kv_vt, buffers=self._kv_buffers if cpu and reuse else None)
 
     def _own_attention(self, device) -> bool:
-        """Decode steps on CPU use `_cpu_decode_attention` (tests switch it off to compare)."""
-        return device.type == "cpu" and self._cpu_attention
+        """Decode steps on CPU use `_cpu_decode_attention` where the plan measured it faster than SDPA
+        (tests force either through `_cpu_attention`)."""
+        if device.type != "cpu":
+            return False
+        if self._cpu_attention is not None:
+            return self._cpu_attention
+        return self._run_plan is not None and self._run_plan.attention == "own"
 
     def _static(self, device) -> bool:
         """Static-shape decode: captured in CUDA graphs on GPU; on CPU only when tests ask for it."""
@@ -301,6 +417,69 @@ class Engine:
             h = h + final.self_attn(final.input_layernorm(h), **kw)[0]
         h = h[:, -1] if last is None else h[torch.arange(h.shape[0], device=h.device), last]
         return self._head(dec.norm(h + final.mlp(final.post_attention_layernorm(h))))
+
+    def _lean_forward(self, ids, pos, cache, valid, last=None):
+        """The decoder of a plain Llama-type model in a few ops per layer (CPU; see `_LeanModel`):
+        fused QKV and gate/up linears in the plan's dtype (bfloat16 with autocast's numerics: the
+        residual stream, norms and RoPE stay float32, each linear's output is bfloat16), K/V written
+        to the cache in its dtype, SDPA over the new states for the prefill (causal, no cached
+        prefix) and one query per row over the cache otherwise (SDPA or `_cpu_decode_attention`, as
+        the plan says). The HF modules' op sequence is kept where it sets the rounding (RMSNorm,
+        RoPE, SiLU * up), so greedy tokens match the model's own forward in the same dtype.
+        ids [B, T]; valid [B, start + T]: cache columns holding real tokens (with `cache.start`,
+        `cache.rows` as for `_fast_forward`). Logits [B, V] at index `last` of each row (default -1):
+        the final layer's attention and MLP run for those positions only (the others' K/V are written)."""
+        W, dec = self._lean_model, self._decoder
+        B, T = ids.shape
+        Hq, Hk, D = W.heads
+        s, rows = cache.start, cache.rows
+        e = s + T
+        own = self._own_attention(ids.device)
+        h = dec.embed_tokens(ids)
+        cos, sin = dec.rotary_emb(h, pos)
+        cos, sin = cos[:, :, None], sin[:, :, None]                   # [B, T, 1, D]: over the heads
+        one = None if bool(valid[:, :e].all()) else valid[:, None, None, :e]   # mask of single queries
+        prefix_mask = self._prefill_mask(valid, s) if s and T > 1 else None
+        pick = None if T == 1 else (torch.arange(B, device=ids.device),
+                                   torch.full((B,), T - 1, device=ids.device) if last is None else last)
+        n = len(W.layers)
+        for i, L in enumerate(W.layers):
+            qkv = L.qkv(_rms(h, *L.ln1)).view(B, T, Hq + 2 * Hk, D)
+            qk = _rope(qkv[:, :, :Hq + Hk], cos, sin)
+            k, v = qk[:, :, Hq:].transpose(1, 2), qkv[:, :, Hq + Hk:].transpose(1, 2)
+            K, V = cache.k[i], cache.values(i)
+            K[rows, :, s:e] = k
+            V[rows, :, s:e] = v
+            q = qk[:, :, :Hq]
+            if i == n - 1 and pick is not None:                        # the final layer: last positions only
+                q, h, T1 = q[pick][:, None], h[pick][:, None], 1
+            else:
+                T1 = T
+            if T1 > 1 and s == 0:        # prefill, nothing cached before: causal over the new states
+                # K and V as the cache holds them (already in its dtype); V stored transposed is slow to read
+                # for SDPA, so then the new states
+                vs = v.to(W.dtype) if cache.vt else V[rows, :, :e]
+                o = F.scaled_dot_product_attention(q.transpose(1, 2).to(W.dtype), K[rows, :, :e], vs,
+                                                   is_causal=True, scale=W.scaling, enable_gqa=Hq != Hk)
+                o = o.transpose(1, 2).reshape(B, T, Hq * D)
+            elif T1 > 1:                  # prefill after a cached prefix
+                o = F.scaled_dot_product_attention(q.transpose(1, 2).to(W.dtype), K[rows, :, :e], V[rows, :, :e],
+                                                   attn_mask=prefix_mask, scale=W.scaling, enable_gqa=Hq != Hk)
+                o = o.transpose(1, 2).reshape(B, T, Hq * D)
+            elif own:                     # one query per row, the engine's attention (V stored transposed)
+                bias = None if one is None else torch.zeros(one.shape, dtype=h.dtype).masked_fill_(
+                    ~one, torch.finfo(h.dtype).min)
+                o, _ = _cpu_decode_attention(None, q.transpose(1, 2).to(W.dtype), K[rows, :, :e], V[rows, :, :e],
+                                             0.0 if bias is None else bias, scaling=W.scaling)
+                o = o.reshape(B, 1, Hq * D)
+            else:                         # one query per row, SDPA; a KV head's query heads are its rows
+                qg = q.reshape(B, Hk, Hq // Hk, D).to(W.dtype)
+                o = F.scaled_dot_product_attention(qg, K[rows, :, :e], V[rows, :, :e], attn_mask=one, scale=W.scaling)
+                o = o.reshape(B, 1, Hq * D)
+            h = h + L.o(o)
+            gate, up = L.gu(_rms(h, *L.ln2)).chunk(2, -1)
+            h = h + L.down(F.silu(gate) * up)
+        return W.head(_rms(h[:, -1], *W.norm))
 
     def _hf_forward(self, ids, pos, mask2d, cache):
         kw = {self._cache_kw: cache, "use_cache": True}
@@ -406,11 +585,12 @@ def _attention_function(config, name):
 
 def _cpu_decode_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
     """One query per row over the cache columns written so far (CPU decode step; `attention_mask` is
-    additive [B, 1, 1, L]): two batched matmuls and a softmax. SDPA's CPU kernel runs two tiny GEMMs
-    per (row, head) here and is ~1.5x slower. The scores are computed as K @ q (each row of K a dot
-    product, read in order), not q @ K^T: measured 1.6x faster on the KV cache read from memory, the
-    cost of this step. `key`/`value` may be [:, :, :L] views of the preallocated buffers: bmm reads
-    them in place. With GQA, a KV head's query heads are its GEMM's columns."""
+    additive [B, 1, 1, L]): two batched matmuls and a softmax. On the AMD EPYC measured, SDPA's CPU
+    kernel was ~1.5x slower here; on a Sapphire Rapids-class Xeon it is 2-3x faster (`cpu_plan`
+    picks). The scores are computed as K @ q (each row of K a dot product, read in order), not
+    q @ K^T: measured 1.6x faster on the KV cache read from memory, the cost of this step.
+    `key`/`value` may be [:, :, :L] views of the preallocated buffers: bmm reads them in place.
+    With GQA, a KV head's query heads are its GEMM's columns."""
     B, Hq, _, D = query.shape
     Hk, L = key.shape[1], key.shape[2]
     q = (query * (D ** -0.5 if scaling is None else scaling)).reshape(B * Hk, Hq // Hk, D)
@@ -446,14 +626,18 @@ def _onednn_ok() -> bool:
     return _ONEDNN["ok"]
 
 
-def _packed_linear(module, packed, x):
+def _dnn_linear(x, packed, weight, bias):
     if x.numel() >= 16 * x.shape[-1] and _ONEDNN["ok"]:    # a few rows: plain GEMV is faster than oneDNN's call
         try:
-            return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         except RuntimeError as e:       # an input oneDNN refuses: F.linear below (it raises if the input is bad)
             _ONEDNN["ok"] = False
             warnings.warn(f"engine: oneDNN linear failed ({str(e).splitlines()[0][:200]}); using torch's GEMM")
-    return torch.nn.functional.linear(x, module.weight, module.bias)
+    return F.linear(x, weight, bias)
+
+
+def _packed_linear(module, packed, x):
+    return _dnn_linear(x, packed, module.weight, module.bias)
 
 
 @contextmanager
@@ -479,6 +663,282 @@ def _onednn_linears(model, enabled):
     finally:
         for m in mods:
             del m.forward
+
+
+# ----------------------------------------------------------------------------- the lean forward's parts
+def _linear_weight(m):
+    """(weight, bias) that module `m` applies as a linear layer, or None if it is not one the lean
+    forward can fold: an nn.Linear's own (no replaced forward); a peft LoRA layer over an nn.Linear:
+    its base weight plus scaling * B @ A of each active, unmerged plain-LoRA adapter (the same linear
+    map; in eval mode its dropout is the identity). DoRA and other variants, LoRA biases, and adapters
+    switched off while merged (peft would unmerge them in the forward) are not folded."""
+    nn = torch.nn
+    if "forward" in m.__dict__:
+        return None
+    if type(m) is nn.Linear:
+        return m.weight.detach(), None if m.bias is None else m.bias.detach()
+    base = getattr(m, "base_layer", None)
+    if type(base) is not nn.Linear or not hasattr(m, "lora_A") or "forward" in base.__dict__:
+        return None
+    w = base.weight.detach()
+    if m.merged:
+        return None if m.disable_adapters else (w, None if base.bias is None else base.bias.detach())
+    if not m.disable_adapters:
+        for name in m.active_adapters:
+            if name not in m.lora_A.keys():
+                continue
+            a, b = m.lora_A[name], m.lora_B[name]
+            if name in getattr(m, "lora_variant", {}) or type(a) is not nn.Linear or type(b) is not nn.Linear \
+                    or b.bias is not None or a.bias is not None:
+                return None
+            w = w + m.scaling[name] * (b.weight.detach().to(w.dtype) @ a.weight.detach().to(w.dtype))
+    return w, None if base.bias is None else base.bias.detach()
+
+
+class _Linear:
+    """One linear of the lean forward, several modules fused along the output (QKV, gate/up): weights
+    (LoRA adapters folded in, see `_linear_weight`) in the plan's dtype, packed for oneDNN when the
+    plan says so. The input is cast to that dtype and the output stays in it: autocast's rule."""
+    __slots__ = ("w", "b", "packed")
+
+    def __init__(self, mods, dtype, onednn):
+        parts = [_linear_weight(m) for m in mods]
+        w = torch.cat([w for w, _ in parts]) if len(parts) > 1 else parts[0][0]
+        self.w = w.to(dtype).contiguous()
+        self.b = None
+        if any(b is not None for _, b in parts):
+            self.b = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts]).to(dtype)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.w) if onednn and _onednn_ok() else None
+
+    def __call__(self, x):
+        x = x.to(self.w.dtype)
+        if self.packed is None:
+            return F.linear(x, self.w, self.b)
+        return _dnn_linear(x, self.packed, self.w, self.b)
+
+
+class _LeanModel:
+    """The decoder's weights as `Engine._lean_forward` uses them, built for the plan (dtype, oneDNN)."""
+
+    def __init__(self, dec, head, plan):
+        a = dec.layers[0].self_attn
+        cfg = a.config
+        hq = cfg.num_attention_heads
+        self.heads = (hq, getattr(cfg, "num_key_value_heads", None) or hq, a.head_dim)
+        self.dtype, self.scaling = plan.dtype, a.scaling
+        lin = lambda *mods: _Linear(mods, plan.dtype, plan.onednn)
+        norm = lambda n: (n.weight.detach(), n.variance_epsilon)
+        self.layers = []
+        for layer in dec.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            self.layers.append(_LeanLayer(
+                qkv=lin(at.q_proj, at.k_proj, at.v_proj), o=lin(at.o_proj), gu=lin(mlp.gate_proj, mlp.up_proj),
+                down=lin(mlp.down_proj), ln1=norm(layer.input_layernorm), ln2=norm(layer.post_attention_layernorm)))
+        self.norm, self.head = norm(dec.norm), lin(head)
+
+
+@dataclass
+class _LeanLayer:
+    qkv: _Linear
+    o: _Linear
+    gu: _Linear
+    down: _Linear
+    ln1: tuple
+    ln2: tuple
+
+
+def _rms(h, weight, eps):
+    """LlamaRMSNorm's forward (Qwen2's and Mistral's are the same). For float32 F.rms_norm computes the
+    same ops in one kernel (bitwise equal, tested); other dtypes follow the module's own rounding."""
+    if h.dtype == weight.dtype == torch.float32:
+        return F.rms_norm(h, weight.shape, weight, eps)
+    x = h.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(h.dtype)
+
+
+def _rope(x, cos, sin):
+    """apply_rotary_pos_emb (x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1)), for q and k
+    in one go, bitwise the same (tested): x * cos, then x2 * sin1 subtracted from the first half
+    (a + (-b) is a - b in IEEE arithmetic) and x1 * sin2 added to the second, with no concatenation."""
+    d = x.shape[-1] // 2
+    out = x * cos
+    out[..., :d] -= x[..., d:] * sin[..., :d]
+    out[..., d:] += x[..., :d] * sin[..., d:]
+    return out
+
+
+# ----------------------------------------------------------------------------- what runs fastest on this CPU
+@dataclass(frozen=True)
+class CpuPlan:
+    """How the engine runs a model on this CPU, from `cpu_plan`'s measurements."""
+    dtype: torch.dtype            # the lean forward's compute dtype (linears, KV cache, attention)
+    onednn: bool                  # linears through oneDNN with packed weights (else F.linear)
+    attention: str                # one query per row over the cache: "own" (_cpu_decode_attention) | "sdpa"
+    ms: tuple = ()                # (candidate, ms): what was measured (empty: nothing to choose from)
+
+    def describe(self) -> str:
+        what = f"dtype {str(self.dtype).replace('torch.', '')}, linears {'oneDNN' if self.onednn else 'torch'}, " \
+               f"decode attention {self.attention}"
+        return what + (" (measured ms: " + ", ".join(f"{k} {v:.2f}" for k, v in self.ms) + ")" if self.ms else "")
+
+
+_PLANS: dict = {}
+# bfloat16 is chosen only when it measured at least this much faster than float32 (it changes results;
+# noise on a shared machine must not flip it between runs)
+BF16_MARGIN = 1.25
+
+
+def bf16_native() -> bool:
+    """The CPU has AMX tiles or AVX512-BF16 (oneDNN then computes bfloat16 GEMMs natively)."""
+    has = lambda name: bool(getattr(torch.cpu, name, lambda: False)())
+    return torch.backends.mkldnn.is_available() and (has("_is_amx_tile_supported") or has("_is_avx512_bf16_supported"))
+
+
+def _min_ms(fns: dict, rounds: int = 5) -> dict:
+    """ms per call of each candidate: one warm-up, then `rounds` interleaved rounds (A, B, A, B, ...),
+    the minimum wall time of each (other jobs on a shared machine only ever add time)."""
+    best = {}
+    for name, f in list(fns.items()):
+        try:
+            f()
+        except Exception as e:                  # noqa: BLE001 - e.g. an op this build lacks: not a candidate
+            warnings.warn(f"engine: {name} failed in the CPU probe ({type(e).__name__}: {str(e)[:200]}); skipped")
+            del fns[name]
+    for _ in range(rounds):
+        for name, f in fns.items():
+            t = time.perf_counter()
+            f()
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
+    return {k: v * 1e3 for k, v in best.items()}
+
+
+def _shapes(config):
+    hq = config.num_attention_heads
+    hk = getattr(config, "num_key_value_heads", None) or hq
+    d = getattr(config, "head_dim", None) or config.hidden_size // hq
+    return config.hidden_size, config.intermediate_size, hq, hk, d
+
+
+def cpu_plan(config, batch: int, weight_dtype=torch.float32, dtype: str = "auto", onednn="auto",
+             attention: str = "auto") -> CpuPlan:
+    """Decide, by measuring on this CPU at the model's shapes, what the engine runs: the compute dtype
+    (bfloat16 for a float32 model only where the CPU has AMX / AVX512-BF16 and a layer's linears plus
+    its decode attention measured >= BF16_MARGIN faster), F.linear or oneDNN's packed linear, and the
+    decode attention (the engine's two bmm or SDPA). Measured: the four linears of a layer at `batch`
+    rows (a decode step) and 256 rows (a prefill chunk), and one query per row over a 256-column cache.
+    Vendors differ (PyTorch's MKL GEMMs run AVX2 code on AMD; SDPA's CPU kernel is faster than the two
+    bmm on some Intel CPUs and slower on AMD), hence measured, not looked up. Once per process and
+    shape (~10-100 ms); requests other than "auto" are obeyed without measuring them."""
+    C, I, Hq, Hk, D = _shapes(config)
+    key = (C, I, Hq, Hk, D, batch, weight_dtype, dtype, onednn, attention, torch.get_num_threads())
+    if key in _PLANS:
+        return _PLANS[key]
+    if dtype == "auto":
+        dts = [torch.float32, torch.bfloat16] if weight_dtype == torch.float32 and bf16_native() else [weight_dtype]
+    else:
+        dts = [getattr(torch, dtype)]
+    dnn = [o for o in ((False, True) if onednn == "auto" else (bool(onednn),)) if not o or _onednn_ok()] or [False]
+    kinds = ("own", "sdpa") if attention == "auto" else (attention,)
+    fns = {}
+    if len(dts) * len(dnn) * len(kinds) > 1:
+        g = torch.Generator().manual_seed(0)
+        rnd = lambda *s: torch.randn(*s, generator=g)
+        lins = [(C, (Hq + 2 * Hk) * D), (Hq * D, C), (C, 2 * I), (I, C)]
+        xs = [(rnd(m, k), rnd(n, k)) for m in (batch, 256) for k, n in lins]
+        L = min(256, getattr(config, "max_position_embeddings", 256) or 256)
+        q, k, v = rnd(batch, Hq, 1, D), rnd(batch, Hk, L, D), rnd(batch, Hk, L, D)
+        for dt in dts:
+            if dt not in (torch.float32, torch.bfloat16):
+                continue
+            w = [(x.to(dt), wt.to(dt)) for x, wt in xs]
+            for o in dnn:
+                packed = [torch.ops.mkldnn._reorder_linear_weight(wt) if o else None for _, wt in w]
+                fns[(dt, "linear", o)] = lambda w=w, p=packed: [
+                    F.linear(x, wt) if pk is None else torch.ops.mkldnn._linear_pointwise(x, pk, None, "none", [], "")
+                    for (x, wt), pk in zip(w, p)]
+            qd, kd, vd, vt = q.to(dt), k.to(dt), v.to(dt), v.to(dt).transpose(2, 3).contiguous()
+            for kind in kinds:
+                fns[(dt, "attention", kind)] = (
+                    (lambda qd=qd, kd=kd, vt=vt: _cpu_decode_attention(None, qd, kd, vt.transpose(2, 3), 0.0,
+                                                                       scaling=D ** -0.5))
+                    if kind == "own" else
+                    (lambda qd=qd, kd=kd, vd=vd: F.scaled_dot_product_attention(
+                        qd.view(batch, Hk, Hq // Hk, D), kd, vd, scale=D ** -0.5)))
+    ms = _min_ms(fns) if fns else {}
+    best = {}
+    inf = float("inf")
+    for dt in dts:              # a candidate that failed counts as infinitely slow (unless it is the only one)
+        lin = min(dnn, key=lambda o: ms.get((dt, "linear", o), inf if fns else 0.0))
+        att = min(kinds, key=lambda a: ms.get((dt, "attention", a), inf if fns else 0.0))
+        best[dt] = (ms.get((dt, "linear", lin), 0.0) + ms.get((dt, "attention", att), 0.0), lin, att)
+    pick = dts[0]
+    if len(dts) > 1 and best[torch.bfloat16][0] * BF16_MARGIN < best[torch.float32][0]:
+        pick = torch.bfloat16
+    name = lambda k: "/".join([str(k[0]).replace("torch.", ""), k[1],
+                               ("oneDNN" if k[2] else "torch") if k[1] == "linear" else k[2]])
+    plan = CpuPlan(pick, best[pick][1], best[pick][2], tuple((name(k), v) for k, v in ms.items()))
+    _PLANS[key] = plan
+    return plan
+
+
+# ----------------------------------------------------------------------------- training precision
+TRAIN_DTYPES = ("auto", "float32", "bfloat16")
+_TRAIN: dict = {}
+
+
+def train_dtype(model, request: str = "auto") -> torch.dtype | None:
+    """The dtype the training forward autocasts to, or None (no autocast: the weights' own dtype).
+    request: "float32" -> None; "bfloat16" -> bfloat16 autocast (float32 master weights stay float32);
+    "auto" -> bfloat16 on a CPU with AMX / AVX512-BF16 where a forward + backward of one of the model's
+    MLP blocks (1024 tokens) measured >= BF16_MARGIN faster than float32 (once per process and
+    shape, ~50 ms), else None; GPUs: None (real models load in bfloat16 there). A model whose weights
+    are already bfloat16 (or float16) trains in them: None."""
+    if request not in TRAIN_DTYPES:
+        raise ValueError(f"train_dtype {request!r}: use one of {TRAIN_DTYPES}")
+    p = next(model.parameters())
+    if request == "float32" or p.dtype != torch.float32:
+        return None
+    if request == "bfloat16":
+        return torch.bfloat16
+    if p.device.type != "cpu" or not bf16_native():
+        return None
+    return torch.bfloat16 if train_probe(getattr(model, "config", None))["bfloat16"] else None
+
+
+def train_probe(config) -> dict:
+    """{"bfloat16": chosen?, "ms": {"float32": ..., "bfloat16": ...}}: one MLP block's forward and
+    backward (1024 tokens, the model's hidden and MLP sizes) in float32 and under bfloat16 autocast,
+    interleaved, minimum of 3 rounds each."""
+    C = getattr(config, "hidden_size", 256)
+    I = getattr(config, "intermediate_size", None) or 4 * C
+    key = (C, I, torch.get_num_threads())
+    if key not in _TRAIN:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1024, C, generator=g, requires_grad=True)
+        w1 = torch.randn(2 * I, C, generator=g).mul_(C ** -0.5).requires_grad_()
+        w2 = torch.randn(C, I, generator=g).mul_(I ** -0.5).requires_grad_()
+
+        def block(bf16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                gate, up = F.linear(x, w1).chunk(2, -1)
+                y = x + F.linear(F.silu(gate) * up, w2)
+            y.float().square().mean().backward()
+        ms = _min_ms({"float32": lambda: block(False), "bfloat16": lambda: block(True)}, rounds=3)
+        ok = "bfloat16" in ms and ms["bfloat16"] * BF16_MARGIN < ms.get("float32", float("inf"))
+        _TRAIN[key] = {"bfloat16": ok, "ms": ms}
+    return _TRAIN[key]
+
+
+def train_autocast(model, request: str = "auto"):
+    """The context the training forward runs in (SFT, the policy update, held-out losses, and any
+    recomputation of old log-probs that must match them): bfloat16 autocast where `train_dtype`
+    says so, else nothing. Backward runs outside it, as autocast wants. Log-probs themselves are
+    computed in float32 (kernels.linear_logprobs leaves autocast for the LM head)."""
+    dt = train_dtype(model, request)
+    if dt is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=dt)
 
 
 def _knobs(rows, device) -> dict:
@@ -529,6 +989,10 @@ class _FastState:
         for r0 in range(0, B, step):
             rows = slice(r0, r0 + step)
             self.cache.rows, self.cache.start = rows, start
+            if self.eng._lean_model is not None:
+                out.append(self.eng._lean_forward(ids[rows], pos[rows], self.cache, valid[rows, :start + T],
+                                                  last=lens[rows] - 1))
+                continue
             mask = None if causal else self.eng._prefill_mask(valid[rows, :start + T], start)
             out.append(self.eng._fast_forward(ids[rows], pos[rows], mask, self.cache, last=lens[rows] - 1))
         self.cache.rows = slice(None)
@@ -544,6 +1008,8 @@ class _FastState:
         if self.graph is not None:
             return self.graph(tok, pos, cur)
         self.cache.start = cur
+        if self.eng._lean_model is not None:
+            return self.eng._lean_forward(tok, pos, self.cache, valid[:, :cur + 1])
         return self.eng._fast_forward(tok, pos, valid[:, None, None, :cur + 1], self.cache,
                                       cpu_attention=self.eng._own_attention(tok.device))
 

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import dreamgym as dg
 import envs
-from engine import SamplingParams
+from engine import TRAIN_DTYPES, SamplingParams, train_autocast, train_dtype
 from envs import Task
 from envs.collect import COLLECT_VERSION, collect, print_summary, read_jsonl, write_jsonl
 from models import AdapterReference, ModelSpec, create_tiny, load_model, model_name_problem, save_model, train_tokenizer
@@ -113,6 +113,7 @@ class Config:
     norm_adv: bool = True             # PPO: whiten advantages over the iteration's agent turns (mean 0, std 1)
     recompute_logprobs: str = "auto"  # old log-probs by a training forward: auto (when the dtype is not float32) | always | never
     max_tokens: int = 8192            # tokens per micro-batch in updates and SFT
+    train_dtype: str = "auto"         # auto (bfloat16 autocast where the CPU has AMX/AVX512-BF16 and it measured faster) | float32 | bfloat16
     # --- curriculum task generation
     taskgen: bool = True              # ablation: --taskgen false
     lam_tasks: float = 0.25           # lambda: max share of generated tasks per iteration
@@ -158,6 +159,7 @@ class Config:
             (self.annotator == "rule" or (self.annotator == "teacher" and self.teacher_model),
              "annotator must be rule, or teacher with --teacher_model"),
             (0 <= self.bpe_dropout < 1, "bpe_dropout must be in [0, 1)"),
+            (self.train_dtype in TRAIN_DTYPES, f"train_dtype must be one of {TRAIN_DTYPES}"),
             (self.agent_thoughts in ("trace", "plan", "none"), "agent_thoughts must be trace, plan or none"),
             (0 <= self.warm_holdout < 1 and self.warm_patience >= 1, "warm_holdout in [0, 1), warm_patience >= 1"),
             (not (self.exp_endpoint and not self.exp_ckpt and not self.exp_endpoint_model),
@@ -303,21 +305,24 @@ def encode_examples(lm: dg.LocalLM, examples, bpe_dropout: float = 0.0):
             model.dropout = None
 
 
-def heldout_loss(lm: dg.LocalLM, data, max_tokens: int) -> float:
+def heldout_loss(lm: dg.LocalLM, data, max_tokens: int, train_dtype: str = "auto") -> float:
     """Mean target-token negative log-likelihood of encoded (prompt, target) pairs, no gradients."""
     dev = next(lm.model.parameters()).device
     total, n = 0.0, 0
     lm.model.eval()
     with torch.no_grad():
         for b in dg.token_batches(data, [len(p) + len(t) for p, t in data], max_tokens):
-            logp, _, _ = dg.response_logprobs(lm.model, dg.pack([data[i] for i in b], lm.tokenizer.pad_token_id, dev))
+            with train_autocast(lm.model, train_dtype):
+                logp, _, _ = dg.response_logprobs(lm.model, dg.pack([data[i] for i in b], lm.tokenizer.pad_token_id,
+                                                                    dev))
             total, n = total - logp.sum().item(), n + logp.numel()
     lm.model.train()
     return total / max(1, n)
 
 
 def sft(lm: dg.LocalLM, examples, epochs: float, lr: float, max_tokens: int, seed: int, desc: str,
-        log: Log | None = None, bpe_dropout: float = 0.0, heldout=None, patience: int = 2) -> float:
+        log: Log | None = None, bpe_dropout: float = 0.0, heldout=None, patience: int = 2,
+        train_dtype: str = "auto") -> float:
     """Supervised fine-tuning on (system, prompt, target): loss on target tokens only (Eq. 5: the
     prompt -- task, history, demos, state, action -- is never trained on). Returns the last loss.
     With `heldout` examples, their loss is measured after every epoch and training stops once it has
@@ -346,7 +351,8 @@ def sft(lm: dg.LocalLM, examples, epochs: float, lr: float, max_tokens: int, see
         b = batches[order[-1 - DIST.rank]]
         del order[-DIST.world:]
         batch = dg.pack([data[i] for i in b], lm.tokenizer.pad_token_id, dev)
-        logp, _, _ = dg.response_logprobs(model, batch)
+        with train_autocast(model, train_dtype):
+            logp, _, _ = dg.response_logprobs(model, batch)
         loss = -logp.mean() / DIST.world
         loss.backward()
         DIST.sum_grads(params)
@@ -359,7 +365,7 @@ def sft(lm: dg.LocalLM, examples, epochs: float, lr: float, max_tokens: int, see
         if log is not None and (step % 50 == 0 or step == steps - 1):
             log(stage=desc, step=step, loss=ema)
         if val and ((step + 1) % epoch_steps == 0 or step == steps - 1):
-            v = heldout_loss(lm, val, max_tokens)
+            v = heldout_loss(lm, val, max_tokens, train_dtype)
             if log is not None:
                 log(stage=desc, step=step, epoch=round((step + 1) / epoch_steps, 2), heldout_loss=v)
             if v < best_loss - 1e-4:
@@ -483,7 +489,8 @@ def experience_model(cfg: Config, trajs, tasks, buffer, encoder, dev, log) -> dg
     if cfg.taskgen:
         examples += dg.TaskGenerator(lm).sft_examples(tasks, random.Random(cfg.seed), encoder)
     sft(lm, examples, cfg.exp_epochs, cfg.exp_lr, cfg.exp_batch_tokens, cfg.seed, "sft experience model", log,
-        cfg.bpe_dropout if cfg.exp_model.startswith("tiny") else 0.0)   # a pretrained LM keeps its segmentation
+        cfg.bpe_dropout if cfg.exp_model.startswith("tiny") else 0.0,   # a pretrained LM keeps its segmentation
+        train_dtype=cfg.train_dtype)
     save_on_main(lm, path)
     for p in lm.model.parameters():
         p.requires_grad_(False)
@@ -520,7 +527,7 @@ def warm_start(cfg: Config, trajs, tasks, dev, log) -> tuple[dg.LocalLM, int]:
                             for tr in trs for t in tr]
     sft(lm, examples(train_share), cfg.warm_epochs, cfg.warm_lr, cfg.warm_batch_tokens, cfg.seed, "warm start agent",
         log, cfg.bpe_dropout if cfg.agent_model.startswith("tiny") else 0.0, heldout=examples(held) or None,
-        patience=cfg.warm_patience)
+        patience=cfg.warm_patience, train_dtype=cfg.train_dtype)
     save_on_main(lm, path)
     lm.model.train()
     return lm, n_real
@@ -594,7 +601,10 @@ def agent_dtype(agent: dg.LocalLM) -> torch.dtype:
 
 
 def recompute_old_logprobs(cfg: Config, agent: dg.LocalLM) -> bool:
-    return cfg.recompute_logprobs == "always" or (cfg.recompute_logprobs == "auto" and agent_dtype(agent) != torch.float32)
+    """auto: whenever the update's forward is not plain float32 (bf16 weights, or bfloat16 autocast
+    chosen by engine.train_dtype): the sampler's log-probs then differ from the update's."""
+    differs = agent_dtype(agent) != torch.float32 or train_dtype(agent.model, cfg.train_dtype) is not None
+    return cfg.recompute_logprobs == "always" or (cfg.recompute_logprobs == "auto" and differs)
 
 
 def old_logprobs(agent: dg.LocalLM, turns: list[dg.Turn], cfg: Config) -> list[list[float]]:
@@ -607,7 +617,8 @@ def old_logprobs(agent: dg.LocalLM, turns: list[dg.Turn], cfg: Config) -> list[l
     with torch.no_grad():
         for mb in dg.token_batches(turns, [len(t.prompt_ids) + len(t.response_ids) for t in turns], cfg.max_tokens):
             batch = dg.pack([(turns[i].prompt_ids, turns[i].response_ids) for i in mb], agent.tokenizer.pad_token_id, dev)
-            lp = dg.response_logprobs(agent.model, batch, cfg.temperature)[0].float().tolist()
+            with train_autocast(agent.model, cfg.train_dtype):
+                lp = dg.response_logprobs(agent.model, batch, cfg.temperature)[0].float().tolist()
             n = 0
             for i in mb:
                 out[i], n = lp[n:n + len(turns[i].response_ids)], n + len(turns[i].response_ids)
@@ -662,13 +673,16 @@ def update_policy(agent: dg.LocalLM, opt, episodes, cfg: Config, head: ValueHead
                                                   for i in mb_items], cfg.max_tokens):
                 sel = [items[mb_items[j]] for j in mb]
                 batch = dg.pack([(t.prompt_ids, t.response_ids) for t, _, _ in sel], agent.tokenizer.pad_token_id, dev)
-                logp, ent, values = dg.response_logprobs(agent.model, batch, cfg.temperature, head)
+                with train_autocast(agent.model, cfg.train_dtype):
+                    logp, ent, values = dg.response_logprobs(agent.model, batch, cfg.temperature, head)
                 old = torch.tensor([x for j in mb for x in olds[mb_items[j]]], device=dev)
                 adv = torch.tensor([a for t, a, _ in sel for _ in t.response_ids], device=dev)
                 ref_logp = None
                 if ref is not None and cfg.beta > 0:
                     # a LoRA agent's reference (models.AdapterReference) is its own base under a frozen adapter
-                    with torch.no_grad(), (ref.active() if hasattr(ref, "active") else contextlib.nullcontext()):
+                    ref_model = agent.model if hasattr(ref, "active") else ref.model
+                    with torch.no_grad(), (ref.active() if hasattr(ref, "active") else contextlib.nullcontext()), \
+                            train_autocast(ref_model, cfg.train_dtype):
                         ref_logp, _, _ = dg.response_logprobs(ref.model, batch, cfg.temperature)
                 surr, clipped = dg.policy_loss(logp, old, adv, cfg.clip_low, cfg.clip_high, ref_logp, cfg.beta)
                 loss = surr.sum() / n_tok

@@ -4,13 +4,20 @@
     python bench/rollout.py --threads 2 --prefix 64
     python bench/rollout.py --device cuda --preset qwen0.5b
     python bench/rollout.py --run runs/default   # + the main job's dreamed episodes, end to end
+    python bench/rollout.py --model PATH --lora 16 --batch 32 --new 32 --no-dream   # a real model (SmolLM2-135M)
 
-1. decode: greedy, no stop strings, EOS ignored by both (min_new_tokens for HF), so both produce
-   batch x new tokens; HF runs its normal generate (use_cache=True), same dtype, same threads. With
-   --prefix N every row starts with the same N tokens: the engine gets them as its shared prefix,
-   HF gets them inside each prompt. Runs alternate engine/HF; the ratio uses medians of wall time
-   (on CPU the process-time ratio is printed too: steadier on a machine shared with other jobs; so is
-   the engine's speed with oneDNN linears off, to show how much of the ratio is the GEMM library).
+1. decode: greedy, no stop strings, EOS an ordinary token for both (eos_token_id=None for HF), so both produce
+   batch x new tokens; same threads. The engine computes in the dtype its CPU plan chose (`--dtype
+   auto`: bfloat16 for a float32 model where the CPU has AMX / AVX512-BF16 and it measured faster;
+   see engine.cpu_plan, printed first). HF runs its normal generate (use_cache=True) on the model as
+   loaded (float32), and, when the engine's dtype differs, also under bfloat16 autocast (the same
+   numerics as the engine's bfloat16 path): the greedy rows are compared with HF in the engine's
+   dtype, and both ratios are printed (`speedup_vs_hf_generate_same_dtype`, and the last line, against
+   HF on the model as loaded: what a transformers user gets). With --prefix N every row starts with
+   the same N tokens: the engine gets them as its shared prefix, HF gets them inside each prompt. Runs
+   are interleaved (engine, HF, ...); ratios use medians of wall time (on CPU the process-time ratio is
+   printed too: steadier on a machine shared with other jobs; so are the engine in float32 and the
+   engine without oneDNN linears, to show where the ratio comes from).
 2. dream step: one agent turn (T=1 sampling, stop "</action>", 48 new tokens) and one
    experience-model turn (greedy, stop dreamgym.EXP_STOP, 96 new tokens) for B episodes through
    dreamgym.LocalLM, on two random tiny models, against the same LocalLMs with HFBackend (transformers'
@@ -102,53 +109,76 @@ def timed(fn, key=None):
 
 
 # ----------------------------------------------------------------------------- 1. decode throughput
+def dtype_name(dt) -> str:
+    return str(dt).replace("torch.", "")
+
+
 def bench_decode(model, tok, a):
     g = torch.Generator().manual_seed(0)
     hi = min(len(tok), model.config.vocab_size)
     prefix = torch.randint(5, hi, (a.prefix,), generator=g).tolist()
     prompts = [torch.randint(5, hi, (a.prompt,), generator=g).tolist() for _ in range(a.batch)]
-    eng = Engine(model, tok, max_batch=a.batch, eos_token_ids=())
-    plain = Engine(model, tok, max_batch=a.batch, eos_token_ids=(), onednn_linear=False)
+    eng = Engine(model, tok, max_batch=a.batch, eos_token_ids=(), dtype=a.dtype)
+    cdt, mdt = eng.compute_dtype(), model.dtype
+    plain = Engine(model, tok, max_batch=a.batch, eos_token_ids=(), onednn_linear=False, dtype=dtype_name(cdt))
+    eng32 = Engine(model, tok, max_batch=a.batch, eos_token_ids=(), dtype="float32") if cdt != mdt else None
     params = SamplingParams(temperature=0.0, max_new_tokens=a.new)
     ids, mask = left_pad([prefix + p for p in prompts], tok.pad_token_id)
 
-    def run_engine():
-        return eng.generate(prompts, params, prefix=prefix or None)
-
-    def run_plain():
-        return plain.generate(prompts, params, prefix=prefix or None)
-
-    def run_hf():
-        with torch.no_grad():
+    def run_hf(autocast=False):
+        # autocast: HF computing in the engine's dtype (bfloat16 linears and attention, as the engine's
+        # bfloat16 path computes a float32 model)
+        with torch.no_grad(), torch.autocast(DEVICE.type, dtype=cdt, enabled=autocast):
             return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=a.new,
-                                  min_new_tokens=a.new, use_cache=True, pad_token_id=tok.pad_token_id)
+                                  min_new_tokens=a.new, eos_token_id=None, use_cache=True,
+                                  pad_token_id=tok.pad_token_id)
 
+    runs = {"engine": lambda: eng.generate(prompts, params, prefix=prefix or None), "hf": run_hf}
+    if cdt != mdt:
+        runs["hf_same"] = lambda: run_hf(autocast=True)
+        runs["engine32"] = lambda: eng32.generate(prompts, params, prefix=prefix or None)
+    if DEVICE.type == "cpu":
+        runs["engine_plain"] = lambda: plain.generate(prompts, params, prefix=prefix or None)
     with torch.no_grad():                                    # warm-up: allocator, kernels, caches
         model.generate(input_ids=ids[:2, -8:], attention_mask=mask[:2, -8:], do_sample=False, max_new_tokens=2,
                        pad_token_id=tok.pad_token_id)
-    eng.generate([p[:8] for p in prompts[:2]], SamplingParams(temperature=0.0, max_new_tokens=2))
-    te, th, tp = [], [], []
-    for _ in range(a.repeats):
-        t, gens = timed(run_engine, "engine")
-        te.append(t)
-        t, out = timed(run_hf, "hf")
-        th.append(t)
-        if DEVICE.type == "cpu":
-            tp.append(timed(run_plain)[0])
+    for e in (eng, plain, eng32):
+        if e is not None:
+            e.generate([p[:8] for p in prompts[:2]], SamplingParams(temperature=0.0, max_new_tokens=2))
+    times, outs = {k: [] for k in runs}, {}
+    for _ in range(a.repeats):                               # interleaved: A, B, C, A, B, C, ...
+        for k, fn in runs.items():
+            t, outs[k] = timed(fn, k)
+            times[k].append(t)
     n = a.batch * a.new
-    assert all(len(x.token_ids) == a.new for x in gens) and out.shape[1] - ids.shape[1] == a.new
-    same = sum(x.token_ids == out[i, ids.shape[1]:].tolist() for i, x in enumerate(gens)) / a.batch
-    e, h = statistics.median(te), statistics.median(th)
-    print(f"engine: {n / e:9.1f} tok/s  (runs {', '.join(f'{t:.2f}' for t in te)} s)")
-    print(f"hf generate: {n / h:9.1f} tok/s  (runs {', '.join(f'{t:.2f}' for t in th)} s)")
-    print(f"greedy rows identical to hf: {same:.0%}")
-    if tp:          # how much of the ratio is oneDNN's GEMM (see engine._onednn_linears)
-        print(f"engine without oneDNN linears: {n / statistics.median(tp):9.1f} tok/s, "
-              f"{h / statistics.median(tp):.2f}x hf generate (informative)")
-    if DEVICE.type == "cpu":        # informative only: the ratio below is the wall-time one
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rate = lambda k: f"{n / med[k]:9.1f} tok/s  (runs {', '.join(f'{t:.2f}' for t in times[k])} s)"
+    tokens = lambda k: [x.token_ids for x in outs[k]] if k.startswith("engine") else \
+        [r[ids.shape[1]:] for r in outs[k].tolist()]
+    same = lambda x, y: sum(p == q for p, q in zip(tokens(x), tokens(y))) / a.batch
+    assert all(len(x) == a.new for k in outs for x in tokens(k))
+    ref = "hf_same" if cdt != mdt else "hf"
+    print(f"engine ({dtype_name(cdt)} compute): {rate('engine')}")
+    print(f"hf generate ({dtype_name(mdt)}, the model as loaded): {rate('hf')}")
+    if cdt != mdt:
+        print(f"hf generate ({dtype_name(cdt)} autocast, the engine's compute dtype): {rate('hf_same')}")
+    print(f"greedy rows identical to hf: {same('engine', ref):.0%} (engine {dtype_name(cdt)} vs hf "
+          f"{dtype_name(cdt)}{' autocast' if cdt != mdt else ''})")
+    if cdt != mdt:
+        print(f"greedy rows identical to hf {dtype_name(mdt)}: {same('engine', 'hf'):.0%} (informative: "
+              f"{dtype_name(cdt)} vs {dtype_name(mdt)} rounding)")
+        print(f"engine in {dtype_name(mdt)}: {n / med['engine32']:9.1f} tok/s, {med['hf'] / med['engine32']:.2f}x "
+              f"hf generate {dtype_name(mdt)}, greedy rows identical to it: {same('engine32', 'hf'):.0%} (informative)")
+    if "engine_plain" in med:          # how much of the ratio is oneDNN's GEMM (see engine.cpu_plan)
+        tp = med["engine_plain"]
+        print(f"engine without oneDNN linears: {n / tp:9.1f} tok/s, {med['hf'] / tp:.2f}x hf generate (informative)")
+    if DEVICE.type == "cpu":        # informative only: the ratios below are wall-time ones
         ce, ch = statistics.median(CPU_TIMES["engine"]), statistics.median(CPU_TIMES["hf"])
-        print(f"cpu-time ratio (process_time, medians {ce:.2f} s vs {ch:.2f} s): {ch / ce:.2f}")
-    return h / e
+        print(f"cpu-time ratio vs hf {dtype_name(mdt)} (process_time, medians {ce:.2f} s vs {ch:.2f} s): {ch / ce:.2f}")
+    same_dtype = med[ref] / med["engine"]
+    print(f"speedup_vs_hf_generate_same_dtype: {same_dtype:.2f} (engine {dtype_name(cdt)} vs hf {dtype_name(cdt)}"
+          f"{' autocast' if cdt != mdt else ''})")
+    return med["hf"] / med["engine"]
 
 
 # ----------------------------------------------------------------------------- 2. dream step
@@ -212,6 +242,10 @@ def bench_dream(a):
         agent, exp = dg.LocalLM(agent_m, tok, max_batch=a.batch), dg.LocalLM(exp_m, tok, max_batch=a.batch)
         hf_agent, hf_exp = dg.LocalLM(agent_m, tok), dg.LocalLM(exp_m, tok)
         hf_agent.engine, hf_exp.engine = HFBackend(agent_m, tok), HFBackend(exp_m, tok)
+        agent.engine = Engine(agent_m, tok, max_batch=a.batch, dtype=a.dtype)
+        exp.engine = Engine(exp_m, tok, max_batch=a.batch, dtype=a.dtype)
+        print(f"engine computes in {dtype_name(agent.engine.compute_dtype())}, "
+              f"HF generate in {dtype_name(agent_m.dtype)}")
         users_a, users_e = user_texts(tok, a.batch, 200, 1), user_texts(tok, a.batch, 200, 2)
         pa = SamplingParams(temperature=1.0, max_new_tokens=48, stop=(dg.AGENT_STOP,))
         pe = SamplingParams(temperature=0.0, max_new_tokens=96, stop=(dg.EXP_STOP,))
@@ -289,7 +323,13 @@ def main():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--prefix", type=int, default=0, help="shared prefix length (part of every prompt)")
     ap.add_argument("--preset", default="tiny", help="tiny | tiny-s | tiny-m | qwen0.5b (CUDA)")
+    ap.add_argument("--model", default="", help="instead of a preset: a local HF folder or a name models.load_model "
+                    "knows (e.g. a converted SmolLM2-135M)")
+    ap.add_argument("--lora", type=int, default=0, help="with --model: LoRA adapters of this rank (non-zero)")
+    ap.add_argument("--model-dtype", default="auto", help="with --model: the weights' dtype (ModelSpec.dtype)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                    help="the engine's compute dtype (auto: measured per CPU, see engine.cpu_plan)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-dream", action="store_true", help="skip the dream-step section")
@@ -301,7 +341,18 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as root:
-        if a.preset == "qwen0.5b":
+        if a.model:
+            model, tok = models.load_model(a.model, models.ModelSpec(lora_r=a.lora, dtype=a.model_dtype), device=DEVICE,
+                                           trainable=False)
+            if a.lora:               # non-zero adapters, so that LoRA is really in the forward
+                g = torch.Generator().manual_seed(0)
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        if "lora_B" in n:
+                            p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+            model.eval()
+            a.preset = os.path.basename(a.model.rstrip("/")) + (f" + LoRA r={a.lora}" if a.lora else "")
+        elif a.preset == "qwen0.5b":
             if DEVICE.type != "cuda":
                 sys.exit("--preset qwen0.5b needs --device cuda")
             model, tok = qwen05b(root)
@@ -309,6 +360,13 @@ def main():
             (model, tok), = tiny_models(root, a.preset)
         print(f"device {DEVICE} threads {a.threads} preset {a.preset} dtype {model.dtype} "
               f"batch {a.batch} prompt {a.prompt} prefix {a.prefix} new {a.new}")
+        if DEVICE.type == "cpu":
+            import platform
+            from engine import bf16_native, cpu_plan
+            print(f"cpu: {cpu_name()} ({platform.machine()}, bfloat16 native: {bf16_native()}, "
+                  f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()})")
+            cfg = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+            print("engine plan: " + cpu_plan(cfg, a.batch, model.dtype, a.dtype).describe())
         print("== decode (greedy, no stop)")
         speedup = bench_decode(model, tok, a)
     if not a.no_dream:
@@ -318,6 +376,15 @@ def main():
         print("== dreamed episodes end to end (a finished run's agent, M_exp, retrieval)")
         bench_run(a)
     print(f"speedup_vs_hf_generate: {speedup:.2f}")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or "unknown"
 
 
 DEVICE = torch.device("cpu")

@@ -265,5 +265,9 @@ def linear_logprobs_chunked(hidden, weight, targets, temperature: float = 1.0, c
     targets = targets.reshape(-1).long()
     N, V = hidden.shape[0], weight.shape[0]
     chunk = default_chunk(N, V) if chunk is None else max(1, int(chunk))
-    logp, ent = _LinearLogprobs.apply(hidden, weight, targets, float(temperature), chunk, use_triton)
+    # Under autocast the head's matmuls would run in bfloat16 (logits rounded to ~3 digits, and a
+    # backward that recomputes them in the weight's dtype): the head runs in the weight's dtype instead,
+    # so a float32 model's log-probs are float32 whatever the forward around it autocasts to.
+    with torch.autocast(hidden.device.type, enabled=False):
+        logp, ent = _LinearLogprobs.apply(hidden, weight, targets, float(temperature), chunk, use_triton)
     return logp.view(lead), ent.view(lead)

@@ -2,8 +2,9 @@
 
 References: transformers' generate() (greedy, EOS off) for tokens, a full forward pass without any
 cache for log-probs, and a plain Python reading of the HF tokens for where each row must stop.
-Every behaviour runs on both forward paths: "fast" (decoder layers + preallocated cache) and
-"generic" (the model's forward + DynamicCache).
+Every behaviour runs on the three forward paths: "lean" (the engine's own forward of plain Llama
+layers + preallocated cache, SDPA decode attention), "modules" (the decoder layers' modules + the
+same cache, the engine's own decode attention) and "generic" (the model's forward + DynamicCache).
 
 The device is DREAMGYM_TEST_DEVICE (default cpu; bench/gpu.sh sets cuda), the models float32 on it,
 so the CUDA path (Triton sampling, CUDA graphs) meets the same exact references; tests of CPU-only
@@ -16,12 +17,19 @@ import torch
 
 import engine as engine_mod
 import models
-from engine import Engine, Generation, SamplingParams
+from engine import Generation, SamplingParams
 
 real_attention = engine_mod._cpu_decode_attention
 
+
+def Engine(model, tok, **kw):
+    """The references here are float32 HF forwards: the engine computes in float32 unless a test says
+    otherwise (its bfloat16 path is compared with HF under bfloat16 autocast in the tests at the end)."""
+    kw.setdefault("dtype", "float32")
+    return engine_mod.Engine(model, tok, **kw)
+
 torch.set_num_threads(1)
-PATHS = ["fast", "generic"]
+PATHS = ["lean", "modules", "generic"]
 DEVICE = torch.device(os.environ.get("DREAMGYM_TEST_DEVICE", "cpu"))
 if DEVICE.type == "cuda" and DEVICE.index is None:
     DEVICE = torch.device("cuda", 0)
@@ -70,7 +78,11 @@ def prompts(tok, lens=(5, 17, 1, 30, 9, 12), seed=0):
 
 
 def engine(model, tok, path, **kw):
-    return Engine(model, tok, fast_path=path == "fast", **kw)
+    if path == "lean":
+        kw.setdefault("decode_attention", "sdpa")
+    elif path == "modules":
+        kw.setdefault("decode_attention", "own")
+    return Engine(model, tok, fast_path=path != "generic", lean=path == "lean", **kw)
 
 
 def hf_greedy(model, tok, rows, n):
@@ -388,10 +400,11 @@ def test_zero_new_tokens(lm):
 
 @cpu_only
 def test_static_shape_decode_matches(lm, monkeypatch):
-    """The CPU default (cache columns so far, the engine's own attention over V stored transposed),
-    the static-shape step (whole-buffer attention, device-tensor column, rebuilt after compaction)
-    with the model's SDPA, which is what the CUDA graph captures (the capture itself needs a GPU),
-    and the static step with the engine's attention all match the dynamic step with the model's SDPA."""
+    """The CPU step (cache columns so far) with SDPA or with the engine's own attention over V stored
+    transposed (the plan picks one per CPU; forced here), the static-shape step (whole-buffer
+    attention, device-tensor column, rebuilt after compaction) through the model's modules with its
+    SDPA, which is what the CUDA graph captures (the capture itself needs a GPU), and the static step
+    with the engine's attention all match the dynamic step with SDPA."""
     model, tok = lm
     rows = prompts(tok, lens=(5, 17, 1, 30, 9, 12))
     params = [SamplingParams(temperature=0.0, max_new_tokens=k) for k in (12, 3, 20, 1, 20, 7)]
@@ -407,7 +420,7 @@ def test_static_shape_decode_matches(lm, monkeypatch):
         if (static, own) == (False, True):
             assert calls and all(calls)                            # the default: own attention, V transposed
     assert calls and not any(calls)                                # static: V as the model gives it
-    assert (Engine(model, tok)._static_on_cpu, Engine(model, tok)._cpu_attention) == (False, True)
+    assert (Engine(model, tok)._static_on_cpu, Engine(model, tok)._cpu_attention) == (False, None)
     dynamic = runs[0]
     for gens in runs[1:]:
         assert [g.token_ids for g in gens] == [g.token_ids for g in dynamic]
@@ -474,6 +487,279 @@ def test_onednn_failure_falls_back_once(lm, monkeypatch):
     monkeypatch.setattr(engine_mod, "_ONEDNN", {"ok": True})
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", boom)
     with pytest.warns(UserWarning, match="oneDNN linear failed"):
-        got = [g.token_ids for g in Engine(model, tok, eos_token_ids=()).generate(rows, p)]
+        got = [g.token_ids for g in Engine(model, tok, eos_token_ids=(), onednn_linear=True).generate(rows, p)]
     assert got == ref and engine_mod._ONEDNN["ok"] is False
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- bfloat16 and the CPU plan
+def hf_greedy_bf16(model, tok, rows, n):
+    """HF generate with bfloat16 compute: under CPU autocast for a float32 model (the engine's bfloat16
+    numerics for it), as is for a bfloat16 one."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=model.dtype == torch.float32):
+        return hf_greedy(model, tok, rows, n)
+
+
+def full_logprobs_bf16(model, prefix_and_prompt, tokens):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=model.dtype == torch.float32):
+        return full_logprobs(model, prefix_and_prompt, tokens)
+
+
+def same_up_to_ties(model, prompts_, got, ref, gap=0.05):
+    """bfloat16 greedy rows against HF's: identical, or first different where the two tokens' float32
+    logits are within `gap` (bfloat16 keeps ~3 significant digits, so any two bfloat16 computations,
+    HF's own batched and single-row runs included, can order such a near-tie either way). Returns the
+    share of identical rows."""
+    same = 0
+    for prompt, a, b in zip(prompts_, got, ref):
+        if a == b:
+            same += 1
+            continue
+        j = next(j for j in range(min(len(a), len(b))) if a[j] != b[j])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + b[:j]])).logits[0, -1].float()
+        assert abs(logits[a[j]] - logits[b[j]]) < gap, f"not a near-tie: {logits[a[j]]} vs {logits[b[j]]}"
+    return same / len(ref)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "own"])
+def test_bfloat16_matches_hf_in_bfloat16(lm, attention):
+    """The lean forward in bfloat16 on a float32 model (autocast's numerics: bfloat16 linears and
+    attention, float32 residual stream, norms and RoPE) gives HF generate's greedy tokens under
+    bfloat16 autocast (up to float32 near-ties, see same_up_to_ties): ragged rows, a cached prefix,
+    stop strings with compaction; log-probs equal an autocast full forward's within bfloat16 rounding."""
+    model, tok = lm
+    rows = prompts(tok, lens=[3 + (7 * i) % 29 for i in range(20)], seed=5)
+    prefix = [tok.bos_token_id] + prompts(tok, lens=(6,), seed=2)[0]
+    p = SamplingParams(temperature=0.0, max_new_tokens=12)
+    eng = Engine(model, tok, eos_token_ids=(), dtype="bfloat16", decode_attention=attention)
+    assert eng.compute_dtype() == torch.bfloat16 and eng._lean_eligible()
+    gens = eng.generate(rows, p)
+    # the engine's own attention rounds the scores to bfloat16 before the softmax (SDPA keeps them in
+    # float32, as HF's SDPA does): more near-ties go the other way
+    least = 0.8 if attention == "sdpa" else 0.6
+    assert same_up_to_ties(model, rows, [g.token_ids for g in gens], hf_greedy_bf16(model, tok, rows, 12)) >= least
+    full = [prefix + r for r in rows]
+    got = [g.token_ids for g in eng.generate(rows, p, prefix=prefix)]
+    assert same_up_to_ties(model, full, got, hf_greedy_bf16(model, tok, full, 12)) >= least
+    assert eng._prefix and all(k.dtype == torch.bfloat16 for kv in next(iter(eng._prefix.values())) for k in kv)
+    # bfloat16 logits (as autocast gives them) are rounded to ~0.03 at these magnitudes
+    diff = torch.cat([torch.tensor(g.logprobs) - full_logprobs_bf16(model, prompt, g.token_ids)
+                      for g, prompt in zip(gens, rows)]).abs()
+    assert diff.max() < 0.1 and diff.mean() < 0.02
+    # stops and compaction: rows end where the engine's own uncut bfloat16 tokens say
+    rows = rows[:8]
+    ref = [g.token_ids for g in eng.generate(rows, SamplingParams(temperature=0.0, max_new_tokens=24))]
+    params = [SamplingParams(temperature=0.0, max_new_tokens=24, stop=(stop_from(tok, r, 2 + i, cut=i % 2),))
+              for i, r in enumerate(ref)]
+    gens = Engine(model, tok, dtype="bfloat16", decode_attention=attention, compact_fraction=0.0,
+                  eos_token_ids=()).generate(rows, params)
+    stopped = 0
+    for g, r, sp in zip(gens, ref, params):
+        want, why = expected_cut(tok, r, sp, set())
+        assert g.token_ids == want and g.finish_reason == why
+        stopped += why == "stop"
+    assert stopped >= 3
+
+
+def test_bfloat16_model_matches_hf(tiny):
+    """A model loaded in bfloat16 runs the lean forward in its own dtype (auto): HF's greedy tokens."""
+    model, tok = models.load_model(tiny, models.ModelSpec(dtype="bfloat16"), device="cpu")
+    model = _scale(model)
+    rows = prompts(tok, lens=(5, 17, 1, 30, 9, 12))
+    eng = engine_mod.Engine(model, tok, eos_token_ids=())
+    assert eng.compute_dtype() == torch.bfloat16 and eng._lean_eligible()
+    gens = eng.generate(rows, SamplingParams(temperature=0.0, max_new_tokens=10))
+    assert same_up_to_ties(model, rows, [g.token_ids for g in gens], hf_greedy(model, tok, rows, 10)) >= 0.8
+
+
+def test_default_engine_matches_hf_in_its_compute_dtype(lm):
+    """What the product runs (every choice "auto", decided by this CPU's probe) gives HF's greedy
+    tokens in the dtype the engine reports."""
+    model, tok = lm
+    rows = prompts(tok, lens=[3 + (5 * i) % 31 for i in range(24)], seed=12)
+    eng = engine_mod.Engine(model, tok, eos_token_ids=())
+    gens = eng.generate(rows, SamplingParams(temperature=0.0, max_new_tokens=10))
+    if eng.compute_dtype() == torch.bfloat16:
+        assert same_up_to_ties(model, rows, [g.token_ids for g in gens], hf_greedy_bf16(model, tok, rows, 10)) >= 0.8
+    else:
+        assert [g.token_ids for g in gens] == hf_greedy(model, tok, rows, 10)
+    assert eng.compute_dtype() in (torch.float32, torch.bfloat16)
+    if not engine_mod.bf16_native():
+        assert eng.compute_dtype() == torch.float32
+
+
+def test_lean_path_only_for_plain_layers(lm):
+    """Hooks or replaced forwards anywhere in the layers send the call through the modules (which run
+    them); the lean weights are rebuilt when the weights change and kept otherwise."""
+    model, tok = lm
+    eng = Engine(model, tok, eos_token_ids=())
+    assert eng._lean_eligible()
+    seen = []
+    hook = model.model.layers[1].mlp.register_forward_hook(lambda *a: seen.append(1))
+    assert not eng._lean_eligible()
+    eng.generate(prompts(tok, lens=(4, 6)), SamplingParams(temperature=0.0, max_new_tokens=2))
+    hook.remove()
+    assert seen and eng._lean_eligible()
+    p = SamplingParams(temperature=0.0, max_new_tokens=3)
+    eng.generate(prompts(tok, lens=(4, 6)), p)
+    built = eng._lean_cached[1]
+    eng.generate(prompts(tok, lens=(5,)), p)
+    assert eng._lean_cached[1] is built                             # same weights: kept
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+    after = eng.generate(prompts(tok, lens=(4, 6)), p)
+    assert eng._lean_cached[1] is not built
+    assert [g.token_ids for g in after] == [g.token_ids for g in Engine(model, tok, eos_token_ids=(), lean=False)
+                                            .generate(prompts(tok, lens=(4, 6)), p)]
+
+
+def _cfg(**kw):
+    from transformers import LlamaConfig
+    return LlamaConfig(**{**dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128), **kw})
+
+
+def test_cpu_plan_decides_by_measurement(monkeypatch):
+    """Each choice goes to the candidate measured fastest; bfloat16 only with BF16_MARGIN to spare and
+    only where the CPU computes it natively; forced choices are not measured; plans are cached."""
+    cfg = _cfg()
+    monkeypatch.setattr(engine_mod, "_PLANS", {})
+    monkeypatch.setattr(engine_mod, "bf16_native", lambda: True)
+    monkeypatch.setattr(engine_mod, "_onednn_ok", lambda: True)
+    fake = {}
+
+    def timings(fns, rounds=5):
+        return {k: fake[k] for k in fns}
+    monkeypatch.setattr(engine_mod, "_min_ms", timings)
+    f32, bf16 = torch.float32, torch.bfloat16
+    fake.update({(f32, "linear", False): 1.0, (f32, "linear", True): 0.6, (f32, "attention", "own"): 2.0,
+                 (f32, "attention", "sdpa"): 3.0, (bf16, "linear", False): 0.5, (bf16, "linear", True): 0.4,
+                 (bf16, "attention", "own"): 1.5, (bf16, "attention", "sdpa"): 1.2})
+    plan = engine_mod.cpu_plan(cfg, 8)
+    assert (plan.dtype, plan.onednn, plan.attention) == (bf16, True, "sdpa")    # 1.6 ms vs 2.6 ms
+    assert engine_mod.cpu_plan(cfg, 8) is plan and len(plan.ms) == 8 and "bfloat16" in plan.describe()
+    fake[(bf16, "attention", "sdpa")] = fake[(bf16, "attention", "own")] = 1.9   # 2.3 vs 2.6: within the margin
+    assert engine_mod.cpu_plan(cfg, 16).dtype == f32
+    assert engine_mod.cpu_plan(cfg, 16).attention == "own" and engine_mod.cpu_plan(cfg, 16).onednn
+    monkeypatch.setattr(engine_mod, "bf16_native", lambda: False)              # e.g. an AVX2-only CPU
+    assert engine_mod.cpu_plan(cfg, 32).dtype == f32
+    forced = engine_mod.cpu_plan(cfg, 8, dtype="bfloat16", onednn=False, attention="own")
+    assert (forced.dtype, forced.onednn, forced.attention, forced.ms) == (bf16, False, "own", ())
+    # a bfloat16 model: its own dtype, no float32 candidate
+    assert engine_mod.cpu_plan(cfg, 8, weight_dtype=bf16, onednn=True, attention="sdpa").dtype == bf16
+
+
+def test_cpu_plan_real_probe_and_fallbacks(monkeypatch):
+    """The real probe on this CPU returns a usable plan; without oneDNN it picks F.linear; a candidate
+    that raises is skipped with a warning."""
+    cfg = _cfg()
+    monkeypatch.setattr(engine_mod, "_PLANS", {})
+    plan = engine_mod.cpu_plan(cfg, 8)
+    assert plan.ms and plan.attention in ("own", "sdpa") and plan.dtype in (torch.float32, torch.bfloat16)
+    monkeypatch.setattr(engine_mod, "_ONEDNN", {"ok": False})
+    assert engine_mod.cpu_plan(cfg, 9).onednn is False
+
+    def boom(*a, **k):
+        raise RuntimeError("no kernel")
+    monkeypatch.setattr(engine_mod.F, "scaled_dot_product_attention", boom)
+    with pytest.warns(UserWarning, match="failed in the CPU probe"):
+        assert engine_mod.cpu_plan(cfg, 10, dtype="float32").attention == "own"
+
+
+# ----------------------------------------------------------------------------- training precision
+def test_train_dtype_requests_and_auto(lm, monkeypatch):
+    model, _ = lm
+    assert engine_mod.train_dtype(model, "float32") is None
+    assert engine_mod.train_dtype(model, "bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError):
+        engine_mod.train_dtype(model, "fp8")
+    monkeypatch.setattr(engine_mod, "_TRAIN", {})
+    monkeypatch.setattr(engine_mod, "bf16_native", lambda: False)         # e.g. an AVX2-only CPU
+    assert engine_mod.train_dtype(model, "auto") is None and not engine_mod._TRAIN
+    monkeypatch.setattr(engine_mod, "bf16_native", lambda: True)
+    monkeypatch.setattr(engine_mod, "_min_ms", lambda fns, rounds=3: {"float32": 10.0, "bfloat16": 9.0})
+    assert engine_mod.train_dtype(model, "auto") is None                  # faster, but within the margin
+    monkeypatch.setattr(engine_mod, "_TRAIN", {})
+    monkeypatch.setattr(engine_mod, "_min_ms", lambda fns, rounds=3: {"float32": 10.0, "bfloat16": 4.0})
+    assert engine_mod.train_dtype(model, "auto") == torch.bfloat16
+    assert isinstance(engine_mod.train_autocast(model, "auto"), torch.autocast)
+    model.to(torch.bfloat16)                                             # trains in its own dtype
+    try:
+        assert engine_mod.train_dtype(model, "bfloat16") is None
+    finally:
+        model.to(torch.float32)
+
+
+def test_autocast_forward_keeps_logprobs_float32(lm):
+    """Under the training autocast the decoder runs in bfloat16 but the fused LM-head log-probs are
+    float32 from the float32 head (equal to the head applied by hand in float32 to the same hidden
+    states), close to the float32 forward's; gradients reach the float32 master weights."""
+    import dreamgym as dg
+    from kernels.logprobs import linear_logprobs_ref
+    model, tok = lm
+    seqs = [(p, p[:5]) for p in prompts(tok, lens=(12, 20, 7), seed=3)]
+    batch = dg.pack(seqs, tok.pad_token_id, "cpu")
+    model.train()
+    ref, _, _ = dg.response_logprobs(model, batch)
+    with engine_mod.train_autocast(model, "bfloat16"):
+        logp, ent, _ = dg.response_logprobs(model, batch)
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    assert logp.dtype == ent.dtype == torch.float32 and hidden.dtype == torch.float32
+    by_hand, _ = linear_logprobs_ref(hidden.reshape(-1, hidden.shape[-1])[batch["target_pos"]].detach(),
+                                     model.lm_head.weight.detach(), batch["targets"])
+    assert torch.allclose(logp.detach(), by_hand, atol=1e-5)
+    assert not torch.equal(logp, ref) and torch.allclose(logp, ref, atol=0.1)
+    (-logp.mean()).backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_adapters_folded_into_the_lean_weights(tiny, dora):
+    """A LoRA model (float32 base, non-zero adapters) runs the lean forward with W + scale * B @ A per
+    layer: HF's greedy tokens and a full forward's log-probs; a changed adapter (an RL step) rebuilds
+    the lean weights. DoRA is not folded: those layers go through their modules."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    model, tok = models.load_model(tiny, device="cpu")
+    model = get_peft_model(_scale(model), LoraConfig(r=4, lora_alpha=8, use_dora=dora, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    rows = prompts(tok, lens=(5, 17, 1, 30, 9, 12))
+    p = SamplingParams(temperature=0.0, max_new_tokens=8)
+    eng = Engine(model, tok, eos_token_ids=())
+    assert eng._lean_eligible() == (not dora)
+    gens = eng.generate(rows, p)
+    assert [g.token_ids for g in gens] == hf_greedy(model, tok, rows, 8)
+    for g, prompt in zip(gens, rows):
+        assert torch.allclose(torch.tensor(g.logprobs), full_logprobs(model, prompt, g.token_ids), atol=1e-4)
+    with torch.no_grad():
+        next(w for n, w in model.named_parameters() if "lora_A" in n).mul_(-2.0)
+    assert [g.token_ids for g in eng.generate(rows, p)] == hf_greedy(model, tok, rows, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_norm_and_rope_are_the_modules_bitwise(dtype):
+    """_rms and _rope compute exactly what LlamaRMSNorm and apply_rotary_pos_emb compute (float32
+    residual stream / bfloat16 model; q and k as strided views of a fused QKV output, as the lean forward
+    passes them), so that greedy tokens can match HF's."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(3, 7, 48, generator=g) * 3).to(dtype)
+    norm = LlamaRMSNorm(48, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(48, generator=g) + 0.5)
+        assert torch.equal(engine_mod._rms(h, norm.weight, norm.variance_epsilon), norm(h))
+    qkv = torch.randn(3, 7, 5, 16, generator=g).to(dtype)                     # [B, T, heads, D]: 2 q, 1 k, 2 v
+    cos, sin = torch.randn(3, 7, 16, generator=g).to(dtype), torch.randn(3, 7, 16, generator=g).to(dtype)
+    if dtype == torch.bfloat16:                                              # a float32 model under autocast: float32
+        cos, sin = cos.float(), sin.float()
+    q_ref, k_ref = apply_rotary_pos_emb(qkv[:, :, :2].transpose(1, 2), qkv[:, :, 2:3].transpose(1, 2), cos, sin)
+    both = engine_mod._rope(qkv[:, :, :3], cos[:, :, None], sin[:, :, None])
+    assert torch.equal(both[:, :, :2].transpose(1, 2), q_ref) and torch.equal(both[:, :, 2:].transpose(1, 2), k_ref)
