@@ -19,9 +19,10 @@ import copy
 import glob
 import importlib.util
 import json
+import logging
 import os
 import shutil
-import warnings
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -50,10 +51,23 @@ _said = set()
 
 
 def say_once(msg: str):
-    """Fallbacks (no CUDA, no flash-attn) are said once per process, not per call."""
+    """Fallbacks (no CUDA, no flash-attn) are said once per process, in one plain line."""
     if msg not in _said:
         _said.add(msg)
-        warnings.warn(msg, stacklevel=2)
+        print(msg, file=sys.stderr, flush=True)
+
+
+class _NoHubKernelLine(logging.Filter):
+    """bitsandbytes, on CPUs with AVX512-BF16, tries `from kernels import get_kernel` (the HF hub's
+    `kernels` package, which would download a 4-bit GEMM) and logs a warning when that fails; our
+    `kernels/` package shares the name, and with no hub the fallback is bitsandbytes' own CPU path
+    anyway. That one line is dropped; every other bitsandbytes message still shows."""
+
+    def filter(self, record):
+        return "kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoHubKernelLine())
 
 
 @dataclass
