@@ -37,7 +37,7 @@ def _episodes(vocab: int, n_groups: int = 4, g: int = 2) -> list[dg.Episode]:
 
 
 def _one_update(model_dir, episodes, out_file):
-    cfg = train.Config(minibatches=1, lr=1.0)
+    cfg = train.Config(minibatches=1, lr=1.0, train_dtype="float32")     # exact sums: float32 forwards
     agent = train.load_lm(cfg, model_dir, torch.device("cpu"), trainable=True)
     # plain SGD: the step is linear in the gradient, so equal gradients mean equal weights (Adam's
     # first step, ~lr*sign(g), would turn float noise in near-zero gradients into lr-sized gaps)

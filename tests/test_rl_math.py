@@ -312,13 +312,15 @@ def test_sampler_logprobs_are_the_updates_old_policy_in_float32(small_agent_dir)
     the update's own forward ("always") gives the sampler's log-probs back."""
     import train
     agent = _agent(small_agent_dir)
+    agent.engine.dtype = "float32"                          # sampled in float32 ...
     eps = _rollout(agent)
     turns = [t for e in eps for t in e.turns if t.response_ids]
-    cfg = train.Config(recompute_logprobs="always")
+    cfg = train.Config(recompute_logprobs="always", train_dtype="float32")   # ... and trained in float32
     again = train.old_logprobs(agent, turns, cfg)
     assert torch.allclose(torch.tensor([x for lp in again for x in lp]),
                           torch.tensor([x for t in turns for x in t.logprobs]), atol=1e-4)
-    stats = train.update_policy(agent, torch.optim.SGD(agent.model.parameters(), lr=1e-3), eps, train.Config(), None, None)
+    stats = train.update_policy(agent, torch.optim.SGD(agent.model.parameters(), lr=1e-3), eps,
+                                train.Config(train_dtype="float32"), None, None)
     assert stats["logprobs_recomputed"] is False            # auto: float32 keeps the sampler's
     assert stats["ratio_dev"] < 1e-4 and stats["approx_kl"] >= 0 and "ref_kl" not in stats
     with pytest.raises(ValueError, match="temperature"):

@@ -132,6 +132,7 @@ def test_agent_stop_split_and_merged_across_tokens(smol):
     tokens, stops at the completing token and cuts the text after the stop string."""
     model, tok = models.load_model(NAME, models.ModelSpec(dtype="float32"), "cpu", trainable=False)
     lm = dg.LocalLM(model, tok)
+    lm.engine.lean = False            # the module path: the lm_head hook below forces the tokens
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     assert len(enc(dg.AGENT_STOP)) == 3
     body = "<think>the coin is here</think><action>take coin"
