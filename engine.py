@@ -34,7 +34,7 @@ cache, unwritten columns zero and masked) and is captured in a CUDA graph (`cuda
 recaptured after each compaction; a failed capture falls back to eager. The capture/replay is NOT
 tested (no GPU on the test machines); the static-shape step it captures is, on CPU. On CPU the step
 attends over the columns written so far, the KV buffers are kept between calls, and what is fastest
-differs by CPU, so `cpu_plan` measures it once per process and model shape (a few ms to ~0.1 s):
+differs by CPU, so `cpu_plan` measures it once per process and model shape (0.1-1 s):
 the compute dtype, F.linear or oneDNN's packed linear (`_onednn_linears` on the module path;
 PyTorch's MKL GEMMs run AVX2 code on AMD, where oneDNN was ~2.5x faster, and are the faster ones on
 Intel), and the decode attention: SDPA or the engine's own two bmm (`_cpu_decode_attention`, V
@@ -787,6 +787,7 @@ _PLANS: dict = {}
 # bfloat16 is chosen only when it measured at least this much faster than float32 (it changes results;
 # noise on a shared machine must not flip it between runs)
 BF16_MARGIN = 1.25
+CHOICE_MARGIN = 1.1
 
 
 def bf16_native() -> bool:
@@ -829,7 +830,7 @@ def cpu_plan(config, batch: int, weight_dtype=torch.float32, dtype: str = "auto"
     rows (a decode step) and 256 rows (a prefill chunk), and one query per row over a 256-column cache.
     Vendors differ (PyTorch's MKL GEMMs run AVX2 code on AMD; SDPA's CPU kernel is faster than the two
     bmm on some Intel CPUs and slower on AMD), hence measured, not looked up. Once per process and
-    shape (~10-100 ms); requests other than "auto" are obeyed without measuring them."""
+    shape (0.1-1 s); requests other than "auto" are obeyed without measuring them."""
     C, I, Hq, Hk, D = _shapes(config)
     key = (C, I, Hq, Hk, D, batch, weight_dtype, dtype, onednn, attention, torch.get_num_threads())
     if key in _PLANS:
@@ -868,9 +869,13 @@ def cpu_plan(config, batch: int, weight_dtype=torch.float32, dtype: str = "auto"
     ms = _min_ms(fns) if fns else {}
     best = {}
     inf = float("inf")
-    for dt in dts:              # a candidate that failed counts as infinitely slow (unless it is the only one)
-        lin = min(dnn, key=lambda o: ms.get((dt, "linear", o), inf if fns else 0.0))
-        att = min(kinds, key=lambda a: ms.get((dt, "attention", a), inf if fns else 0.0))
+    for dt in dts:
+        # a candidate that failed counts as infinitely slow (unless it is the only one); the defaults
+        # (F.linear, SDPA: float32 scores in bfloat16 too) win unless the other is CHOICE_MARGIN faster,
+        # so that near-equal timings do not flip the choice (and the rounding) between runs
+        t = lambda *k: ms.get((dt, *k), inf if fns else 0.0) * (1.0 if k[1] in (False, "sdpa") else CHOICE_MARGIN)
+        lin = min(dnn, key=lambda o: t("linear", o))
+        att = min(kinds, key=lambda a: t("attention", a))
         best[dt] = (ms.get((dt, "linear", lin), 0.0) + ms.get((dt, "attention", att), 0.0), lin, att)
     pick = dts[0]
     if len(dts) > 1 and best[torch.bfloat16][0] * BF16_MARGIN < best[torch.float32][0]:
@@ -892,7 +897,7 @@ def train_dtype(model, request: str = "auto") -> torch.dtype | None:
     request: "float32" -> None; "bfloat16" -> bfloat16 autocast (float32 master weights stay float32);
     "auto" -> bfloat16 on a CPU with AMX / AVX512-BF16 where a forward + backward of one of the model's
     MLP blocks (1024 tokens) measured >= BF16_MARGIN faster than float32 (once per process and
-    shape, ~50 ms), else None; GPUs: None (real models load in bfloat16 there). A model whose weights
+    shape, 0.1-1 s), else None; GPUs: None (real models load in bfloat16 there). A model whose weights
     are already bfloat16 (or float16) trains in them: None."""
     if request not in TRAIN_DTYPES:
         raise ValueError(f"train_dtype {request!r}: use one of {TRAIN_DTYPES}")
