@@ -266,7 +266,7 @@ class Engine:
             return False
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return False
-        plain = lambda m: _linear_weight(m) is not None
+        plain = lambda m: _linear_weight(m, fold=False) is not None
         try:
             if not plain(self._head) or not hasattr(self._decoder.norm, "variance_epsilon"):
                 return False
@@ -666,24 +666,25 @@ def _onednn_linears(model, enabled):
 
 
 # ----------------------------------------------------------------------------- the lean forward's parts
-def _linear_weight(m):
+def _linear_weight(m, fold: bool = True):
     """(weight, bias) that module `m` applies as a linear layer, or None if it is not one the lean
     forward can fold: an nn.Linear's own (no replaced forward); a peft LoRA layer over an nn.Linear:
     its base weight plus scaling * B @ A of each active, unmerged plain-LoRA adapter (the same linear
     map; in eval mode its dropout is the identity). DoRA and other variants, LoRA biases, and adapters
-    switched off while merged (peft would unmerge them in the forward) are not folded."""
+    switched off while merged (peft would unmerge them in the forward) are not folded.
+    fold=False: only whether it can be (True / None), without computing B @ A."""
     nn = torch.nn
     if "forward" in m.__dict__:
         return None
     if type(m) is nn.Linear:
-        return m.weight.detach(), None if m.bias is None else m.bias.detach()
+        return (m.weight.detach(), None if m.bias is None else m.bias.detach()) if fold else True
     base = getattr(m, "base_layer", None)
     if type(base) is not nn.Linear or not hasattr(m, "lora_A") or "forward" in base.__dict__:
         return None
     w = base.weight.detach()
-    if m.merged:
-        return None if m.disable_adapters else (w, None if base.bias is None else base.bias.detach())
-    if not m.disable_adapters:
+    if m.merged and m.disable_adapters:
+        return None
+    if not m.merged and not m.disable_adapters:
         for name in m.active_adapters:
             if name not in m.lora_A.keys():
                 continue
@@ -691,8 +692,9 @@ def _linear_weight(m):
             if name in getattr(m, "lora_variant", {}) or type(a) is not nn.Linear or type(b) is not nn.Linear \
                     or b.bias is not None or a.bias is not None:
                 return None
-            w = w + m.scaling[name] * (b.weight.detach().to(w.dtype) @ a.weight.detach().to(w.dtype))
-    return w, None if base.bias is None else base.bias.detach()
+            if fold:
+                w = w + m.scaling[name] * (b.weight.detach().to(w.dtype) @ a.weight.detach().to(w.dtype))
+    return (w, None if base.bias is None else base.bias.detach()) if fold else True
 
 
 class _Linear:
