@@ -34,7 +34,7 @@ cache, unwritten columns zero and masked) and is captured in a CUDA graph (`cuda
 recaptured after each compaction; a failed capture falls back to eager. The capture/replay is NOT
 tested (no GPU on the test machines); the static-shape step it captures is, on CPU. On CPU the step
 attends over the columns written so far, the KV buffers are kept between calls, and what is fastest
-differs by CPU, so `cpu_plan` measures it once per process and model shape (a few ms to ~0.1 s):
+differs by CPU, so `cpu_plan` measures it once per process and model shape (0.1-1 s):
 the compute dtype, F.linear or oneDNN's packed linear (`_onednn_linears` on the module path;
 PyTorch's MKL GEMMs run AVX2 code on AMD, where oneDNN was ~2.5x faster, and are the faster ones on
 Intel), and the decode attention: SDPA or the engine's own two bmm (`_cpu_decode_attention`, V
@@ -266,7 +266,7 @@ class Engine:
             return False
         if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
             return False
-        plain = lambda m: _linear_weight(m) is not None
+        plain = lambda m: _linear_weight(m, fold=False) is not None
         try:
             if not plain(self._head) or not hasattr(self._decoder.norm, "variance_epsilon"):
                 return False
@@ -666,24 +666,25 @@ def _onednn_linears(model, enabled):
 
 
 # ----------------------------------------------------------------------------- the lean forward's parts
-def _linear_weight(m):
+def _linear_weight(m, fold: bool = True):
     """(weight, bias) that module `m` applies as a linear layer, or None if it is not one the lean
     forward can fold: an nn.Linear's own (no replaced forward); a peft LoRA layer over an nn.Linear:
     its base weight plus scaling * B @ A of each active, unmerged plain-LoRA adapter (the same linear
     map; in eval mode its dropout is the identity). DoRA and other variants, LoRA biases, and adapters
-    switched off while merged (peft would unmerge them in the forward) are not folded."""
+    switched off while merged (peft would unmerge them in the forward) are not folded.
+    fold=False: only whether it can be (True / None), without computing B @ A."""
     nn = torch.nn
     if "forward" in m.__dict__:
         return None
     if type(m) is nn.Linear:
-        return m.weight.detach(), None if m.bias is None else m.bias.detach()
+        return (m.weight.detach(), None if m.bias is None else m.bias.detach()) if fold else True
     base = getattr(m, "base_layer", None)
     if type(base) is not nn.Linear or not hasattr(m, "lora_A") or "forward" in base.__dict__:
         return None
     w = base.weight.detach()
-    if m.merged:
-        return None if m.disable_adapters else (w, None if base.bias is None else base.bias.detach())
-    if not m.disable_adapters:
+    if m.merged and m.disable_adapters:
+        return None
+    if not m.merged and not m.disable_adapters:
         for name in m.active_adapters:
             if name not in m.lora_A.keys():
                 continue
@@ -691,8 +692,9 @@ def _linear_weight(m):
             if name in getattr(m, "lora_variant", {}) or type(a) is not nn.Linear or type(b) is not nn.Linear \
                     or b.bias is not None or a.bias is not None:
                 return None
-            w = w + m.scaling[name] * (b.weight.detach().to(w.dtype) @ a.weight.detach().to(w.dtype))
-    return w, None if base.bias is None else base.bias.detach()
+            if fold:
+                w = w + m.scaling[name] * (b.weight.detach().to(w.dtype) @ a.weight.detach().to(w.dtype))
+    return (w, None if base.bias is None else base.bias.detach()) if fold else True
 
 
 class _Linear:
@@ -787,6 +789,7 @@ _PLANS: dict = {}
 # bfloat16 is chosen only when it measured at least this much faster than float32 (it changes results;
 # noise on a shared machine must not flip it between runs)
 BF16_MARGIN = 1.25
+CHOICE_MARGIN = 1.1
 
 
 def bf16_native() -> bool:
@@ -829,7 +832,7 @@ def cpu_plan(config, batch: int, weight_dtype=torch.float32, dtype: str = "auto"
     rows (a decode step) and 256 rows (a prefill chunk), and one query per row over a 256-column cache.
     Vendors differ (PyTorch's MKL GEMMs run AVX2 code on AMD; SDPA's CPU kernel is faster than the two
     bmm on some Intel CPUs and slower on AMD), hence measured, not looked up. Once per process and
-    shape (~10-100 ms); requests other than "auto" are obeyed without measuring them."""
+    shape (0.1-1 s); requests other than "auto" are obeyed without measuring them."""
     C, I, Hq, Hk, D = _shapes(config)
     key = (C, I, Hq, Hk, D, batch, weight_dtype, dtype, onednn, attention, torch.get_num_threads())
     if key in _PLANS:
@@ -868,9 +871,13 @@ def cpu_plan(config, batch: int, weight_dtype=torch.float32, dtype: str = "auto"
     ms = _min_ms(fns) if fns else {}
     best = {}
     inf = float("inf")
-    for dt in dts:              # a candidate that failed counts as infinitely slow (unless it is the only one)
-        lin = min(dnn, key=lambda o: ms.get((dt, "linear", o), inf if fns else 0.0))
-        att = min(kinds, key=lambda a: ms.get((dt, "attention", a), inf if fns else 0.0))
+    for dt in dts:
+        # a candidate that failed counts as infinitely slow (unless it is the only one); the defaults
+        # (F.linear, SDPA: float32 scores in bfloat16 too) win unless the other is CHOICE_MARGIN faster,
+        # so that near-equal timings do not flip the choice (and the rounding) between runs
+        t = lambda *k: ms.get((dt, *k), inf if fns else 0.0) * (1.0 if k[1] in (False, "sdpa") else CHOICE_MARGIN)
+        lin = min(dnn, key=lambda o: t("linear", o))
+        att = min(kinds, key=lambda a: t("attention", a))
         best[dt] = (ms.get((dt, "linear", lin), 0.0) + ms.get((dt, "attention", att), 0.0), lin, att)
     pick = dts[0]
     if len(dts) > 1 and best[torch.bfloat16][0] * BF16_MARGIN < best[torch.float32][0]:
@@ -892,7 +899,7 @@ def train_dtype(model, request: str = "auto") -> torch.dtype | None:
     request: "float32" -> None; "bfloat16" -> bfloat16 autocast (float32 master weights stay float32);
     "auto" -> bfloat16 on a CPU with AMX / AVX512-BF16 where a forward + backward of one of the model's
     MLP blocks (1024 tokens) measured >= BF16_MARGIN faster than float32 (once per process and
-    shape, ~50 ms), else None; GPUs: None (real models load in bfloat16 there). A model whose weights
+    shape, 0.1-1 s), else None; GPUs: None (real models load in bfloat16 there). A model whose weights
     are already bfloat16 (or float16) trains in them: None."""
     if request not in TRAIN_DTYPES:
         raise ValueError(f"train_dtype {request!r}: use one of {TRAIN_DTYPES}")

@@ -3,7 +3,7 @@ PyTorch's default (float32 eager, no autocast), on the same model, batch and opt
 
     python bench/train.py                        # tiny model (the main job's), SFT + policy-update step, CPU
     python bench/train.py --threads 2 --repeats 7
-    python bench/train.py --no-smollm2           # without SmolLM2-135M + LoRA (needs models' smollm2-135m)
+    python bench/train.py --smollm2 ""           # without SmolLM2-135M + LoRA (models' smollm2-135m, or a folder)
 
 1. SFT step (train.sft's inner step): dg.response_logprobs on a packed batch (`--sft-rows` rows of
    `--prompt` prompt + `--target` target tokens, the M_exp SFT's micro-batch at the defaults),
@@ -45,8 +45,8 @@ from rollout import corpus, cpu_name  # noqa: E402
 def batches(tok, rows, prompt, target, seed):
     g = torch.Generator().manual_seed(seed)
     hi = len(tok)
-    seqs = [(torch.randint(5, hi, (prompt,), generator=g).tolist(), torch.randint(5, hi, (target,), generator=g).tolist())
-            for _ in range(rows)]
+    draw = lambda n: torch.randint(5, hi, (n,), generator=g).tolist()
+    seqs = [(draw(prompt), draw(target)) for _ in range(rows)]
     return dg.pack(seqs, tok.pad_token_id, "cpu"), rows * (prompt + target)
 
 
@@ -108,8 +108,10 @@ def measure(name, model, ref, tok, a, dtype_request):
         ratios[step] = (med["default"], med["ours"])
         print(f"{step} tokens/s torch default (float32 eager): {tokens / med['default']:9.1f}  "
               f"(runs {', '.join(f'{t:.2f}' for t in wall['default'])} s)")
-        print(f"{step} tokens/s ours: {tokens / med['ours']:9.1f}  (runs {', '.join(f'{t:.2f}' for t in wall['ours'])} s)")
-        print(f"{step} speedup: {med['default'] / med['ours']:.2f} (cpu-time ratio {cmed['default'] / cmed['ours']:.2f})")
+        runs = ", ".join(f"{t:.2f}" for t in wall["ours"])
+        print(f"{step} tokens/s ours: {tokens / med['ours']:9.1f}  (runs {runs} s)")
+        print(f"{step} speedup: {med['default'] / med['ours']:.2f} "
+              f"(cpu-time ratio {cmed['default'] / cmed['ours']:.2f})")
     return ratios
 
 
@@ -125,8 +127,9 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="auto", choices=engine.TRAIN_DTYPES, help="what ours runs (train_dtype)")
-    ap.add_argument("--smollm2", action=argparse.BooleanOptionalAction, default=True,
-                    help="also SmolLM2-135M with LoRA r=16 (skipped, saying why, where models cannot load it)")
+    ap.add_argument("--smollm2", default="smollm2-135m", help="also SmolLM2-135M with LoRA r=16: the name "
+                    "models.load_model knows it by, or a converted folder ('' = skip; skipped, saying why, where it "
+                    "cannot be loaded)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -144,12 +147,18 @@ def main():
     if a.smollm2:
         try:
             spec = models.ModelSpec(lora_r=16)
-            model, tok = models.load_model("smollm2-135m", spec, device="cpu", trainable=True)
-            ref, _ = models.load_model("smollm2-135m", spec, device="cpu", trainable=False)
+            model, tok = models.load_model(a.smollm2, spec, device="cpu", trainable=True)
+            ref, _ = models.load_model(a.smollm2, spec, device="cpu", trainable=False)
         except Exception as e:          # noqa: BLE001 - e.g. no such preset in this tree, or no weights offline
-            print(f"== smollm2-135m: skipped ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            print(f"== {a.smollm2}: skipped, models.load_model cannot load it here "
+                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         else:
-            measure("smollm2-135m + LoRA r=16", model, ref.eval(), tok, a, a.dtype)
+            # 135M parameters: a quarter of the rows, at most 3 repeats
+            small = argparse.Namespace(**{**vars(a), "sft_rows": max(1, a.sft_rows // 4),
+                                          "rl_rows": max(1, a.rl_rows // 4), "repeats": min(a.repeats, 3)})
+            print(f"sft batch {small.sft_rows} x ({a.prompt} + {a.target}), policy-update batch {small.rl_rows} x "
+                  f"({a.rl_prompt} + {a.rl_response}), {small.repeats} repeats")
+            measure(f"{os.path.basename(a.smollm2.rstrip('/'))} + LoRA r=16", model, ref.eval(), tok, small, a.dtype)
     default, ours = (sum(t[i] for t in tiny.values()) for i in (0, 1))
     print(f"train_speedup_vs_torch_default: {default / ours:.2f}")
 

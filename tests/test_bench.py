@@ -41,7 +41,7 @@ def test_kernels_bench_runs_on_cpu():
 
 def test_train_bench_prints_its_ratios():
     out = run("train.py", "--sft-rows", "3", "--prompt", "10", "--target", "4", "--rl-rows", "3", "--rl-prompt", "8",
-              "--rl-response", "3", "--repeats", "1", "--no-smollm2")
+              "--rl-response", "3", "--repeats", "1", "--smollm2", "")
     for step in ("sft", "policy_update"):
         assert re.search(rf"^{step} tokens/s torch default \(float32 eager\): +[\d.]+", out, re.M), step
         assert re.search(rf"^{step} tokens/s ours: +[\d.]+", out, re.M), step

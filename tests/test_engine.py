@@ -621,8 +621,9 @@ def _cfg(**kw):
 
 
 def test_cpu_plan_decides_by_measurement(monkeypatch):
-    """Each choice goes to the candidate measured fastest; bfloat16 only with BF16_MARGIN to spare and
-    only where the CPU computes it natively; forced choices are not measured; plans are cached."""
+    """Each choice goes to the candidate measured fastest (oneDNN and the engine's own attention only
+    with CHOICE_MARGIN to spare); bfloat16 only with BF16_MARGIN to spare and only where the CPU
+    computes it natively; forced choices are not measured; plans are cached."""
     cfg = _cfg()
     monkeypatch.setattr(engine_mod, "_PLANS", {})
     monkeypatch.setattr(engine_mod, "bf16_native", lambda: True)
@@ -644,6 +645,8 @@ def test_cpu_plan_decides_by_measurement(monkeypatch):
     assert engine_mod.cpu_plan(cfg, 16).attention == "own" and engine_mod.cpu_plan(cfg, 16).onednn
     monkeypatch.setattr(engine_mod, "bf16_native", lambda: False)              # e.g. an AVX2-only CPU
     assert engine_mod.cpu_plan(cfg, 32).dtype == f32
+    fake[(f32, "attention", "own")], fake[(f32, "linear", True)] = 2.9, 0.95  # near-equal: the defaults stay
+    assert (engine_mod.cpu_plan(cfg, 33).attention, engine_mod.cpu_plan(cfg, 33).onednn) == ("sdpa", False)
     forced = engine_mod.cpu_plan(cfg, 8, dtype="bfloat16", onednn=False, attention="own")
     assert (forced.dtype, forced.onednn, forced.attention, forced.ms) == (bf16, False, "own", ())
     # a bfloat16 model: its own dtype, no float32 candidate
