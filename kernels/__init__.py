@@ -15,7 +15,7 @@ variable again. linear_logprobs on the "torch" backend is the same chunked algor
 from __future__ import annotations
 
 import os
-import warnings
+import sys
 
 import torch
 
@@ -56,9 +56,10 @@ def triton_available() -> bool:
 
 
 def _warn_once(key: str, msg: str) -> None:
+    """A fallback is said once per process, in one plain line on stderr."""
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _use_triton(t: torch.Tensor) -> bool:
