@@ -100,17 +100,27 @@ def _crash_in_iteration(monkeypatch, n: int):
     return real_update
 
 
-def test_resume_after_a_crash_reaches_the_same_state(straight_run, monkeypatch):
-    root, shared, straight = straight_run
-    crashed = tiny_cfg(root, "crashed", **shared)
-    toy_signal(monkeypatch.setattr)
+def _crashed_then_resumed(monkeypatch, root, name: str, shared: dict, check_crash=None) -> dict:
+    """The run `name` killed in the middle of its 2nd iteration, then resumed: its final state."""
     real_update = _crash_in_iteration(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        train.run(crashed)
-    assert run_state(crashed.out)["rl"]["iteration"] == 1
+        train.run(tiny_cfg(root, name, **shared))
+    if check_crash is not None:
+        check_crash(run_state(str(root / name)))
     monkeypatch.setattr(train, "update_policy", real_update)
-    train.run(tiny_cfg(root, "crashed", resume=True, **shared))
-    a, b = run_state(straight.out), run_state(crashed.out)
+    train.run(tiny_cfg(root, name, resume=True, **shared))
+    return run_state(str(root / name))
+
+
+def test_resume_after_a_crash_reaches_the_same_state(straight_run, monkeypatch):
+    root, shared, straight = straight_run
+    toy_signal(monkeypatch.setattr)
+
+    def killed_in_iteration_2(state):
+        assert state["rl"]["iteration"] == 1
+
+    b = _crashed_then_resumed(monkeypatch, root, "crashed", shared, killed_in_iteration_2)
+    a = run_state(straight.out)
     assert_same_run(a, b)
     warm = train.load_lm(straight, shared["warm_ckpt"], torch.device("cpu"), trainable=False)
     w = a["tensors"]["agent/model.safetensors/model.embed_tokens.weight"]
@@ -130,13 +140,7 @@ def test_ppo_iteration_end_to_end_and_its_exact_resume(tiny_run, monkeypatch):
     assert head.abs().sum() > 0, "the critic learned from the returns"
     rows = a["metrics"]
     assert all(r["vloss"] > 0 and r["vf_grad_norm"] > 0 and r["grad_norm"] > 0 for r in rows if r["stage"] == "rl")
-    crashed = tiny_cfg(root, "ppo_crashed", **shared)
-    real_update = _crash_in_iteration(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(crashed)
-    monkeypatch.setattr(train, "update_policy", real_update)
-    train.run(tiny_cfg(root, "ppo_crashed", resume=True, **shared))
-    assert_same_run(a, run_state(crashed.out))
+    assert_same_run(a, _crashed_then_resumed(monkeypatch, root, "ppo_crashed", shared))
 
 
 def test_real_mode_stops_at_its_budget_resumes_exactly_and_curves_use_the_curve_fold(tiny_run, monkeypatch):
@@ -158,13 +162,7 @@ def test_real_mode_stops_at_its_budget_resumes_exactly_and_curves_use_the_curve_
     curve = [c for c in calls if c[1] == cfg.curve_episodes]
     assert len(curve) == len(rows) + 1 and {f for f, _ in curve} == {cfg.curve_fold} != {cfg.eval_fold}
     assert {f for f, n in calls if n == cfg.eval_episodes} == {cfg.eval_fold}
-    crashed = tiny_cfg(root, "real_crashed", **shared)
-    real_update = _crash_in_iteration(monkeypatch, 2)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(crashed)
-    monkeypatch.setattr(train, "update_policy", real_update)
-    train.run(tiny_cfg(root, "real_crashed", resume=True, **shared))
-    assert_same_run(run_state(cfg.out), run_state(crashed.out))
+    assert_same_run(run_state(cfg.out), _crashed_then_resumed(monkeypatch, root, "real_crashed", shared))
 
 
 def test_bad_input_ends_the_run_at_once_in_one_line(tmp_path):
