@@ -502,7 +502,9 @@ def agent_thought(kind: str, t: dg.Transition) -> str:
     """The warm start's <think> target: trace = the hindsight trace R*_t (describes the outcome);
     plan = a thought written from the state before the action (what the agent sees, what it does and
     why: dg.plan_thought); none = empty (action tokens only)."""
-    return {"trace": lambda: t.reasoning, "plan": lambda: dg.plan_thought(t), "none": lambda: ""}[kind]()
+    if kind == "trace":
+        return t.reasoning
+    return dg.plan_thought(t) if kind == "plan" else ""
 
 
 def warm_start(cfg: Config, trajs, tasks, dev, log) -> tuple[dg.LocalLM, int]:
