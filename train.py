@@ -34,7 +34,7 @@ import dreamgym as dg
 import envs
 from engine import TRAIN_DTYPES, SamplingParams, train_autocast, train_dtype
 from envs import Task
-from envs.collect import COLLECT_VERSION, collect, print_summary, read_jsonl, write_jsonl
+from envs.collect import COLLECT_VERSION, POLICIES, collect, print_summary, read_jsonl, write_jsonl
 from models import AdapterReference, ModelSpec, create_tiny, load_model, model_name_problem, save_model, train_tokenizer
 from runtime import (DIST, Log, crash_point, device_of, exit_on_sigterm, fingerprint, format_table,
                      latest_checkpoint, load_agent_weights, load_checkpoint, plot_curves, save_agent, save_checkpoint,
@@ -86,10 +86,11 @@ class Config:
     exp_max_tokens: int = 320         # generation budget of one experience-model step
     buffer_capacity: int = 50_000     # replay buffer size; the oldest synthetic transitions are evicted first
     # --- agent warm start (behaviour cloning on a share of offline successes)
-    warm_share: float = 1.0           # share of the offline successes (their real transitions are counted)
+    warm_policies: str = "expert,filtered"  # offline policies whose successes are cloned (comma list of expert, noisy, random, filtered)
+    warm_share: float = 1.0           # share of those successes (their real transitions are counted)
     warm_epochs: float = 12.0         # most behaviour-cloning epochs of the warm start (early stopping ends it sooner)
     warm_holdout: float = 0.1         # share of the warm-start trajectories held out for early stopping (0: off)
-    warm_patience: int = 2            # epochs without a better held-out loss before the warm start stops
+    warm_patience: int = 2            # epochs without better held-out action agreement before the warm start stops
     warm_lr: float = 2e-3             # its learning rate
     warm_batch_tokens: int = 2048     # padded tokens per warm-start batch
     agent_thoughts: str = "trace"     # the warm start's <think> targets: trace (R*_t) | plan (from the state) | none
@@ -162,6 +163,8 @@ class Config:
             (self.train_dtype in TRAIN_DTYPES, f"train_dtype must be one of {TRAIN_DTYPES}"),
             (self.agent_thoughts in ("trace", "plan", "none"), "agent_thoughts must be trace, plan or none"),
             (0 <= self.warm_holdout < 1 and self.warm_patience >= 1, "warm_holdout in [0, 1), warm_patience >= 1"),
+            (bool(self.warm_policies) and set(self.warm_policies.split(",")) <= set(POLICIES),
+             f"warm_policies: a comma list of {', '.join(POLICIES)}"),
             (not (self.exp_endpoint and not self.exp_ckpt and not self.exp_endpoint_model),
              "--exp_endpoint needs --exp_endpoint_model"),
         ]
@@ -322,12 +325,14 @@ def heldout_loss(lm: dg.LocalLM, data, max_tokens: int, train_dtype: str = "auto
 
 def sft(lm: dg.LocalLM, examples, epochs: float, lr: float, max_tokens: int, seed: int, desc: str,
         log: Log | None = None, bpe_dropout: float = 0.0, heldout=None, patience: int = 2,
-        train_dtype: str = "auto") -> float:
+        train_dtype: str = "auto", score=None) -> float:
     """Supervised fine-tuning on (system, prompt, target): loss on target tokens only (Eq. 5: the
     prompt -- task, history, demos, state, action -- is never trained on). Returns the last loss.
-    With `heldout` examples, their loss is measured after every epoch and training stops once it has
+    With `heldout` examples, they are scored after every epoch and training stops once the score has
     not improved for `patience` epochs; the weights of the best epoch are kept (early stopping: the
-    warm start trains to convergence without overfitting, whatever the data size)."""
+    warm start trains to convergence without overfitting, whatever the data size). The score is a
+    tuple compared in order, higher is better: `score(lm)` followed by minus the held-out loss, or the
+    minus loss alone when no `score` is given."""
     model, dev = lm.model, next(lm.model.parameters()).device
     rng = random.Random(seed)
     data = DIST.broadcast(encode_examples(lm, examples, bpe_dropout))    # one segmentation for all ranks
@@ -340,7 +345,7 @@ def sft(lm: dg.LocalLM, examples, epochs: float, lr: float, max_tokens: int, see
     model.train()
     order, ema = [], None
     val = encode_examples(lm, heldout) if heldout else None
-    best, best_loss, bad, epoch_steps = None, float("inf"), 0, max(1, len(batches) // DIST.world)
+    best, best_score, bad, epoch_steps = None, None, 0, max(1, len(batches) // DIST.world)
     for step in (bar := tqdm(range(steps), desc=desc, dynamic_ncols=True, disable=not DIST.main)):
         if len(order) < DIST.world:       # a new epoch: fresh BPE-dropout segmentations, new order
             if step > 0 and bpe_dropout > 0:
@@ -366,10 +371,13 @@ def sft(lm: dg.LocalLM, examples, epochs: float, lr: float, max_tokens: int, see
             log(stage=desc, step=step, loss=ema)
         if val and ((step + 1) % epoch_steps == 0 or step == steps - 1):
             v = heldout_loss(lm, val, max_tokens, train_dtype)
+            extra = tuple(score(lm)) if score is not None else ()
             if log is not None:
-                log(stage=desc, step=step, epoch=round((step + 1) / epoch_steps, 2), heldout_loss=v)
-            if v < best_loss - 1e-4:
-                best_loss, bad = v, 0
+                log(stage=desc, step=step, epoch=round((step + 1) / epoch_steps, 2), heldout_loss=v,
+                    **({"heldout_score": list(extra)} if extra else {}))
+            now = extra + (-round(v, 4),)           # loss rounded: a change under 1e-4 is no better
+            if best_score is None or now > best_score:
+                best_score, bad = now, 0
                 best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
             else:
                 bad += 1
@@ -507,11 +515,37 @@ def agent_thought(kind: str, t: dg.Transition) -> str:
     return dg.plan_thought(t) if kind == "plan" else ""
 
 
+def traj_policy(traj: list[dg.Transition]) -> str:
+    """The offline policy that played a trajectory (envs.collect names it `<env>/<fold>/<seed>/<policy>[#k]`)."""
+    return traj[0].traj.rsplit("/", 1)[-1].split("#")[0]
+
+
+def action_agreement(lm: dg.LocalLM, prompts: list[str], actions: list[str], max_batch: int = 64) -> float:
+    """Share of `prompts` (agent prompts of held-out demonstrations) on which the greedy agent writes
+    the demonstrator's action: what behaviour cloning is for, whatever its <think> targets are."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=64, stop=(dg.AGENT_STOP,))
+    lm.model.eval()
+    hits = 0
+    for i in range(0, len(prompts), max_batch):
+        gens = lm.generate(dg.AGENT_SYSTEM, prompts[i:i + max_batch], params)
+        hits += sum(dg.parse_agent(g.text)[1] == a for g, a in zip(gens, actions[i:i + max_batch]))
+    lm.model.train()
+    return hits / max(1, len(prompts))
+
+
 def warm_start(cfg: Config, trajs, tasks, dev, log) -> tuple[dg.LocalLM, int]:
-    """Behaviour cloning of the tiny agent on a share of the offline successes (it has no prior);
-    returns the agent and how many real transitions that share holds (reported like the paper's SFT)."""
+    """Behaviour cloning of the agent on a share of the offline successes of the `warm_policies`
+    (by default the expert's demonstrations: the noisy and random plays' successes hold choices
+    nothing in the observation predicts, which teaches the tiny agent the class prior instead of a
+    rule). Early stopping on a held-out share: greedy agreement with the demonstrated action, then
+    the held-out loss. Returns the agent and how many real transitions that share holds (reported
+    like the paper's SFT)."""
     path = cfg.warm_ckpt or os.path.join(cfg.out, "agent_warm")
-    wins = [tr for tr in trajs if tr[-1].success]
+    wanted = set(cfg.warm_policies.split(","))
+    wins = [tr for tr in trajs if tr[-1].success and traj_policy(tr) in wanted]
+    if not wins:
+        raise SystemExit(f"error: no successful offline trajectory of the warm_policies ({cfg.warm_policies}); "
+                         f"collect some (--offline_expert, envs.collect --filtered) or choose other policies")
     rng = random.Random(cfg.seed)
     share = rng.sample(wins, max(1, int(round(cfg.warm_share * len(wins)))))
     n_real = sum(len(tr) for tr in share)
@@ -524,12 +558,14 @@ def warm_start(cfg: Config, trajs, tasks, dev, log) -> tuple[dg.LocalLM, int]:
         lm = init_model(cfg, "agent", trajs, tasks, dev)
     n_val = int(round(cfg.warm_holdout * len(share))) if len(share) >= 10 else 0
     held, train_share = share[:n_val], share[n_val:]       # share is already a seeded random sample
-    examples = lambda trs: [(dg.AGENT_SYSTEM, dg.agent_prompt(t.task.instruction, t.history, t.state, cfg.history),
-                             dg.agent_target(agent_thought(cfg.agent_thoughts, t), t.action))
+    prompt = lambda t: dg.agent_prompt(t.task.instruction, t.history, t.state, cfg.history)
+    examples = lambda trs: [(dg.AGENT_SYSTEM, prompt(t), dg.agent_target(agent_thought(cfg.agent_thoughts, t), t.action))
                             for tr in trs for t in tr]
+    held_steps = [t for tr in held for t in tr]
+    agree = lambda m: (action_agreement(m, [prompt(t) for t in held_steps], [t.action for t in held_steps]),)
     sft(lm, examples(train_share), cfg.warm_epochs, cfg.warm_lr, cfg.warm_batch_tokens, cfg.seed, "warm start agent",
         log, cfg.bpe_dropout if cfg.agent_model.startswith("tiny") else 0.0, heldout=examples(held) or None,
-        patience=cfg.warm_patience, train_dtype=cfg.train_dtype)
+        patience=cfg.warm_patience, train_dtype=cfg.train_dtype, score=agree)
     save_on_main(lm, path)
     lm.model.train()
     return lm, n_real

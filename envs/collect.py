@@ -30,7 +30,7 @@ from . import FOLD_SEEDS, Task, make_env, task_seeds
 POLICIES = ("expert", "noisy", "random", "filtered")
 # the version of what these policies do, part of every cached file name: bumped whenever an expert
 # changes, so a run never reuses data another policy collected
-COLLECT_VERSION = 2
+COLLECT_VERSION = 3
 
 
 def _choose(policy, rng, admissible, gold, pointer, epsilon, p_invalid, pool):

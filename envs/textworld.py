@@ -255,10 +255,12 @@ def _closed_door(what: str) -> bool:
 
 
 def explore_move(state: str, history: list[tuple[str, str]]) -> str | None:
-    """Depth-first exploration by what is shown. Through the first listed exit that names a room not
-    yet visited (opening a closed door first: what is beyond it is not shown until it is open);
-    else back along the move that first entered this room; None when everything reachable is seen.
-    Visited rooms are the `room:` lines of this state and the states in `history`."""
+    """Depth-first exploration by what is shown. The first action of the `actions:` line (in the
+    order listed) that leads somewhere new: a move through an open exit to a room not yet visited,
+    or the opening of a closed door (what is beyond it is not shown until it is open); else back
+    along the move that first entered this room; None when everything reachable is seen. Visited
+    rooms are the `room:` lines of this state and the states in `history`. (The first listed action,
+    not the first listed exit: the action a small agent writes is then a copy of text it reads last.)"""
     actions = parse_state_actions(state) or []
     rooms = [state_fields(s).get("room", "-") for s, _ in history] + [state_fields(state).get("room", "-")]
     here, visited = rooms[-1], set(rooms)
@@ -269,11 +271,15 @@ def explore_move(state: str, history: list[tuple[str, str]]) -> str | None:
             return f"open door to {direction}"
         return f"move {direction}" if f"move {direction}" in actions else None
 
-    for direction, what in state_exits(state):
-        if _closed_door(what) or what not in visited:
-            move = go(direction)
-            if move:
-                return move
+    for action in actions:
+        verb, _, direction = action.rpartition(" ")
+        what = exits.get(direction)
+        if what is None:
+            continue
+        if verb == "move" and not _closed_door(what) and what not in visited:
+            return action
+        if verb == "open door to" and _closed_door(what):
+            return action
     for i, (_, action) in enumerate(history):     # backtrack: reverse the move that first entered here
         if rooms[i + 1] == here and rooms[i] != here and action.startswith("move "):
             back = OPPOSITE.get(action[len("move "):])

@@ -147,12 +147,15 @@ def _coin_state(room, exits, things=(), actions=None):
 
 
 def test_coin_expert_is_a_rule_of_the_visible_state():
-    """Take the coin when listed; else the first listed exit to an unseen room; else back the way
-    this room was first entered. Only the text shown (and the expert's own history) decides."""
+    """Take the coin when listed; else the first listed action that moves to an unseen room or opens a
+    closed door; else back the way this room was first entered. Only the text shown (and the
+    expert's own history) decides."""
     kitchen = _coin_state("kitchen", ["north corridor", "west pantry"], ["stove"])
     assert coin_expert(kitchen, []) == "move north"
-    # the order the exits are listed in decides, not the direction's name
-    assert coin_expert(_coin_state("kitchen", ["west pantry", "north corridor"]), []) == "move west"
+    # the order the actions are listed in decides, not the direction's name nor the exits' order
+    assert coin_expert(_coin_state("kitchen", ["west pantry", "north corridor"],
+                                   actions=["move west", "move north"]), []) == "move west"
+    assert coin_expert(_coin_state("kitchen", ["west pantry", "north corridor"]), []) == "move north"
     assert coin_expert(_coin_state("pantry", ["east kitchen"], ["shelf", "coin"]), []) == "take coin"
     corridor = _coin_state("corridor", ["south kitchen"])
     history = [(kitchen, "move north")]
@@ -161,9 +164,9 @@ def test_coin_expert_is_a_rule_of_the_visible_state():
     assert coin_expert(kitchen, history) == "move west", "the corridor is seen; the pantry is not"
     # doors: what is beyond a closed door is not shown until it is opened
     doors = _coin_state("kitchen", ["south closed wood door", "east pantry (through open glass door)"],
-                        actions=["move east", "move south", "open door to east", "open door to south"])
+                        actions=["open door to south", "move east", "move south", "open door to east"])
     assert coin_expert(doors, []) == "open door to south"
-    doors = _coin_state("kitchen", ["east pantry (through open glass door)", "south closed wood door"],
+    doors = _coin_state("kitchen", ["south closed wood door", "east pantry (through open glass door)"],
                         actions=["move east", "move south", "open door to east", "open door to south"])
     assert coin_expert(doors, []) == "move east"
     assert coin_expert(doors, [(_coin_state("pantry", ["west kitchen"]), "move west")]) == "open door to south"
