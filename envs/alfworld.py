@@ -28,7 +28,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from .base import Task, join_items, render_state_lines, replace_feedback
+from .base import RealEnv, Task, join_items, refuse_generated, render_state_lines
 
 SPLITS = {"train": "train", "dev": "valid_seen", "test": "valid_unseen"}
 DROPPED = ("look", "inventory", "help")
@@ -161,19 +161,16 @@ def split_intro(text: str) -> tuple[str, str]:
 
 
 # ----------------------------------------------------------------------------- the environment
-class AlfWorldEnv:
+class AlfWorldEnv(RealEnv):
     """One episode of an ALFWorld game behind the TextEnv protocol (see module docstring)."""
+    info_defaults = {"raw": ""}      # the engine's own text of the step
 
     def __init__(self, spec: str = "alfworld", invalid_action: str = "fail"):
-        if invalid_action not in ("fail", "step"):
-            raise ValueError("invalid_action must be 'fail' or 'step'")
+        super().__init__(invalid_action)
         self.root, self.max_steps = parse_spec(spec)
-        self.invalid_action = invalid_action
-        self.task = None
 
     def game_path(self, task: Task) -> str:
-        if task.synthetic:
-            raise ValueError(f"task {task.id} is a generated task: it can only run in the dream")
+        refuse_generated(task)
         if task.fold not in SPLITS:
             raise ValueError(f"unknown fold {task.fold!r}; use train, dev or test")
         games = game_files(str(self.root), task.fold)
@@ -191,29 +188,16 @@ class AlfWorldEnv:
         room, self.instruction = split_intro(gs.feedback)
         self.admissible = admissible(gs)
         self.state = abstract_state(room, gs)
-        return self.state, self._info(False, False, gs.feedback)
+        return self.state, self._info(False, False, raw=gs.feedback)
 
-    def _info(self, success, invalid, raw, truncated=False):
-        return {"admissible": self.admissible, "instruction": self.instruction, "success": success,
-                "invalid": invalid, "truncated": truncated, "raw": raw, "steps": self.steps}
-
-    def step(self, action: str | None) -> tuple[str, float, bool, dict]:
-        if self.task is None or self.done:
-            raise RuntimeError("step() on an episode that is not running; call reset(task) first")
-        self.steps += 1
-        if action is None or action not in self.admissible:
-            shown = action if action is not None else "(unparseable)"
-            self.done = self.invalid_action == "fail" or self.steps >= self.max_steps
-            truncated = self.done and self.invalid_action != "fail"      # "step" mode ran out of steps
-            self.state = replace_feedback(self.state, f"Invalid action: {shown}.")
-            return self.state, 0.0, self.done, self._info(False, True, "", truncated=truncated)
+    def _act(self, action: str) -> tuple[str, float, bool, dict]:
         gs, _, _ = self.env.step(action)
         success = bool(gs["won"])
         self.done = success or self.steps >= self.max_steps
         self.admissible = admissible(gs)
         self.state = abstract_state(gs.feedback, gs)
-        return self.state, float(success), self.done, self._info(success, False, gs.feedback,
-                                                                  truncated=self.done and not success)
+        return self.state, float(success), self.done, self._info(success, False, self.done and not success,
+                                                                  raw=gs.feedback)
 
     def gold_actions(self) -> list[str]:
         """The planner's commands from the initial state (a fresh copy of the game)."""

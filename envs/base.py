@@ -109,6 +109,63 @@ class TextEnv(Protocol):
     def step(self, action: str) -> tuple[str, float, bool, dict]: ...
 
 
+# ----------------------------------------------------------------------------- the real environments' base
+INVALID_ACTIONS = ("fail", "step")
+
+
+def refuse_generated(task: Task):
+    """A real environment plays only real tasks: a generated task has no game, page or goal behind it."""
+    if task.synthetic:
+        raise ValueError(f"task {task.id} is a generated task: it can only run in the dream")
+
+
+class RealEnv:
+    """What one episode of every real environment (TextWorldExpress, ALFWorld, MiniWoB++, WebShop,
+    WebArena) shares: the invalid-action policy, `step`'s checks and step count, and the `info` dict.
+
+    A subclass sets `max_steps` and, in `reset`, `task`, `steps` (0), `done`, `instruction`, `state`
+    and `admissible`; it writes `_act(action)`, one admissible action played in the real environment.
+    It may widen `valid` (default: the action is listed verbatim, base.listed_action) and name fields
+    of its own that every `info` carries (`info_defaults`, with their value on an invalid step).
+
+    invalid_action: "fail" (the paper: the episode ends as a failure, reward 0) or "step" (the action
+    is rejected, costs a step and changes nothing; the episode ends only when its budget runs out).
+    """
+    info_defaults: dict = {}
+
+    def __init__(self, invalid_action: str = "fail"):
+        if invalid_action not in INVALID_ACTIONS:
+            raise ValueError("invalid_action must be 'fail' or 'step'")
+        self.invalid_action = invalid_action
+        self.task = None
+
+    def step(self, action: str | None) -> tuple[str, float, bool, dict]:
+        """action None means the agent's turn could not be parsed; it counts as invalid."""
+        if self.task is None or self.done:
+            raise RuntimeError("step() on an episode that is not running; call reset(task) first")
+        self.steps += 1
+        if not self.valid(action):
+            return self._invalid(action)
+        return self._act(action)
+
+    def valid(self, action: str | None) -> bool:
+        return listed_action(self.admissible, action)
+
+    def _act(self, action: str) -> tuple[str, float, bool, dict]:
+        raise NotImplementedError
+
+    def _invalid(self, action: str | None) -> tuple[str, float, bool, dict]:
+        shown = action if action is not None else "(unparseable)"
+        self.done = self.invalid_action == "fail" or self.steps >= self.max_steps
+        truncated = self.done and self.invalid_action != "fail"      # "step" mode ran out of steps
+        self.state = replace_feedback(self.state, f"Invalid action: {shown}.")
+        return self.state, 0.0, self.done, self._info(False, True, truncated)
+
+    def _info(self, success: bool, invalid: bool, truncated: bool = False, **fields) -> dict:
+        return {"admissible": self.admissible, "instruction": self.instruction, "success": success,
+                "invalid": invalid, "truncated": truncated, "steps": self.steps, **self.info_defaults, **fields}
+
+
 @dataclass
 class StepResult:
     state: str

@@ -32,7 +32,7 @@ import re
 import shutil
 
 from . import web
-from .base import Task, replace_feedback
+from .base import RealEnv, Task, refuse_generated
 from .textworld import FOLD_SEEDS
 
 MAX_STEPS = 10
@@ -231,16 +231,14 @@ SOLVERS = {
 
 
 # ----------------------------------------------------------------------------- the environment
-class MiniWoBEnv:
+class MiniWoBEnv(RealEnv):
     """One episode of a MiniWoB++ task behind the TextEnv protocol (see module docstring)."""
 
     def __init__(self, spec: str, invalid_action: str = "fail"):
-        if invalid_action not in ("fail", "step"):
-            raise ValueError("invalid_action must be 'fail' or 'step'")
+        super().__init__(invalid_action)
         self.names, self.max_steps = parse_spec(spec)
-        self.spec, self.invalid_action = spec, invalid_action
+        self.spec = spec
         self.has_expert = all(n in SOLVERS for n in self.names)
-        self.task = None
 
     def _key(self):
         return (id(self), self.task.seed, len(self.actions))
@@ -255,8 +253,7 @@ class MiniWoBEnv:
         self.browser.key = self._key()
 
     def reset(self, task: Task) -> tuple[str, dict]:
-        if task.synthetic:
-            raise ValueError(f"task {task.id} is a generated task: it can only run in the dream")
+        refuse_generated(task)
         if task.seed not in task_seeds("", task.fold):
             r = FOLD_SEEDS[task.fold]
             raise ValueError(f"seed {task.seed} is not in the {task.fold} fold ({r.start}-{r.stop - 1})")
@@ -277,20 +274,7 @@ class MiniWoBEnv:
         self.admissible = web.admissible(self.elements, texts)
         self.state = web.render(feedback, text, self.elements, self.admissible)
 
-    def _info(self, success, invalid, truncated=False):
-        return {"admissible": self.admissible, "instruction": self.instruction, "success": success,
-                "invalid": invalid, "truncated": truncated, "steps": self.steps}
-
-    def step(self, action: str | None) -> tuple[str, float, bool, dict]:
-        if self.task is None or self.done:
-            raise RuntimeError("step() on an episode that is not running; call reset(task) first")
-        self.steps += 1
-        if action is None or action not in self.admissible:
-            shown = action if action is not None else "(unparseable)"
-            self.done = self.invalid_action == "fail" or self.steps >= self.max_steps
-            truncated = self.done and self.invalid_action != "fail"      # "step" mode ran out of steps
-            self.state = replace_feedback(self.state, f"Invalid action: {shown}.")
-            return self.state, 0.0, self.done, self._info(False, True, truncated=truncated)
+    def _act(self, action: str) -> tuple[str, float, bool, dict]:
         self._restore()
         obs, ended, meta = self.browser.act(*web.parse_action(action))
         self.actions.append(action)
@@ -304,7 +288,7 @@ class MiniWoBEnv:
             self.state = web.render(f"{feedback}. Episode over: {outcome}.", "", [], [])
         else:
             self._observe(obs, feedback)
-        return self.state, float(success), self.done, self._info(success, False, truncated=self.done and not ended)
+        return self.state, float(success), self.done, self._info(success, False, self.done and not ended)
 
     def gold_actions(self) -> list[str]:
         """A scripted solution from the utterance and the initial elements (tasks in SOLVERS)."""

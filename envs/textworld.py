@@ -19,7 +19,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from .base import Task, join_items, parse_state_actions, render_state_lines, replace_feedback  # noqa: F401
+from .base import RealEnv, Task, join_items, parse_state_actions, refuse_generated, render_state_lines  # noqa: F401
 
 # Presets: small instances so CPU runs are quick; any parameter can be overridden in the spec string,
 # e.g. "twc:numItemsToPutAway=2,numLocations=2,max_steps=20". `params` lists every parameter the game
@@ -526,8 +526,7 @@ def _java_message(error) -> str:
 
 
 def _check_task(spec: GameSpec, task: Task):
-    if task.synthetic:
-        raise ValueError(f"task {task.id} is a generated task: it can only run in the dream")
+    refuse_generated(task)
     if task.fold not in FOLD_SEEDS:
         raise ValueError(f"unknown fold {task.fold!r}; use train, dev or test")
     if task.seed not in FOLD_SEEDS[task.fold]:
@@ -535,24 +534,22 @@ def _check_task(spec: GameSpec, task: Task):
         raise ValueError(f"seed {task.seed} is not in the {task.fold} fold ({r.start}-{r.stop - 1})")
 
 
-class TextWorldEnv:
-    """One episode of a TextWorldExpress game behind the TextEnv protocol.
-
-    invalid_action: "fail" (paper: the episode ends as a failure, reward 0) or "step" (the action is
-    rejected, costs a step and changes nothing).
-    """
+class TextWorldEnv(RealEnv):
+    """One episode of a TextWorldExpress game behind the TextEnv protocol (invalid actions: RealEnv)."""
+    info_defaults = {"raw": ""}      # the engine's own observation of the step
 
     def __init__(self, spec: str, invalid_action: str = "fail"):
-        if invalid_action not in ("fail", "step"):
-            raise ValueError("invalid_action must be 'fail' or 'step'")
+        super().__init__(invalid_action)
         self.spec = parse_spec(spec)
         self.spec_str = spec
-        self.invalid_action = invalid_action
         self.backend = _Backend.get()
-        self.task = None
         # the expert `envs.collect` plays: this rule of the visible state when the game has one,
         # else None and the gold action sequence (`gold_actions`)
         self.observable_expert = OBSERVABLE_EXPERTS.get(self.spec.game)
+
+    @property
+    def max_steps(self) -> int:
+        return self.spec.max_steps
 
     # --- bookkeeping so several episodes can share the JVM
     def _key(self):
@@ -577,38 +574,19 @@ class TextWorldEnv:
         self.admissible = admissible(info["validActions"], self.spec.game)
         return self.state, self._info(success=False, invalid=False, raw=info["observation"])
 
-    def _info(self, success, invalid, raw, truncated=False):
-        return {"admissible": self.admissible, "instruction": self.instruction, "success": success,
-                "invalid": invalid, "truncated": truncated, "raw": raw, "steps": self.steps}
-
-    def step(self, action: str | None) -> tuple[str, float, bool, dict]:
-        """action None means the agent's turn could not be parsed; it counts as invalid."""
-        if self.task is None or self.done:
-            raise RuntimeError("step() on an episode that is not running; call reset(task) first")
-        self.steps += 1
-        if action is None or action not in self.admissible:
-            return self._invalid(action)
+    def _act(self, action: str) -> tuple[str, float, bool, dict]:
         self._restore()
         info = self.backend.step(action)
         self.actions.append(action)
         self.backend.key = self._key()
         success = bool(info["tasksuccess"]) or info["score"] >= 1.0
         terminated = success or bool(info["taskfailure"])
-        self.done = terminated or self.steps >= self.spec.max_steps
+        self.done = terminated or self.steps >= self.max_steps
         self.notes = {**self.notes, **read_notes(info["observation"])}
         self.state = abstract_state(info["observation"], info, self.spec.game, self.notes)
         self.admissible = admissible(info["validActions"], self.spec.game)
-        return self.state, float(success), self.done, self._info(success, False, info["observation"],
-                                                                  truncated=self.done and not terminated)
-
-    def _invalid(self, action):
-        shown = action if action is not None else "(unparseable)"
-        if self.invalid_action == "fail":
-            self.done, truncated = True, False
-        else:
-            self.done = truncated = self.steps >= self.spec.max_steps
-        self.state = replace_feedback(self.state, f"Invalid action: {shown}.")
-        return self.state, 0.0, self.done, self._info(False, True, "", truncated)
+        return self.state, float(success), self.done, self._info(success, False, self.done and not terminated,
+                                                                  raw=info["observation"])
 
     def gold_actions(self) -> list[str]:
         """The game's gold action sequence for the current task (from a fresh copy of the game)."""

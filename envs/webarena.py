@@ -23,7 +23,7 @@ import os
 import re
 
 from . import web
-from .base import Task, replace_feedback
+from .base import RealEnv, Task, refuse_generated
 
 MAX_STEPS = 30   # WebArena's own budget
 ROLES = {"button": "BUTTON", "link": "LINK", "textbox": "TEXTBOX", "searchbox": "SEARCHBOX",
@@ -102,22 +102,19 @@ def to_browsergym(action: str) -> str | None:
     return f"click({bid!r})" if verb == "click" else f"fill({bid!r}, {text!r})"
 
 
-class WebArenaEnv:
+class WebArenaEnv(RealEnv):
     """One WebArena task in BrowserGym behind the TextEnv protocol (see module docstring)."""
 
     def __init__(self, spec: str = "webarena", invalid_action: str = "fail"):
-        if invalid_action not in ("fail", "step"):
-            raise ValueError("invalid_action must be 'fail' or 'step'")
+        super().__init__(invalid_action)
         self.max_steps = parse_spec(spec)
-        self.invalid_action = invalid_action
-        self.env, self.task = None, None
+        self.env = None
 
     def reset(self, task: Task) -> tuple[str, dict]:
         import gymnasium
         import browsergym.webarena  # noqa: F401  (registers browsergym/webarena.<id>)
         import browsergym.webarenalite  # noqa: F401  (registers browsergym/webarenalite.<id>)
-        if task.synthetic:
-            raise ValueError(f"task {task.id} is a generated task: it can only run in the dream")
+        refuse_generated(task)
         if missing_servers():
             raise RuntimeError(f"WebArena needs its servers: set {', '.join(missing_servers())}")
         ids = task_ids(task.fold)
@@ -141,10 +138,6 @@ class WebArenaEnv:
         self.admissible = listed + ["go back"]
         self.state = web.render(feedback, page, self.elements, self.admissible)
 
-    def _info(self, success, invalid, truncated=False):
-        return {"admissible": self.admissible, "instruction": self.instruction, "success": success,
-                "invalid": invalid, "truncated": truncated, "steps": self.steps}
-
     def valid(self, action: str | None) -> bool:
         """Listed, or free text where WebArena needs it: typing into a listed input, or an answer."""
         if action is None:
@@ -155,20 +148,11 @@ class WebArenaEnv:
         return bool(parsed) and parsed[0] == "type" and any(
             e.id == parsed[1] and e.typeable for e in self.elements)
 
-    def step(self, action: str | None) -> tuple[str, float, bool, dict]:
-        if self.task is None or self.done:
-            raise RuntimeError("step() on an episode that is not running; call reset(task) first")
-        self.steps += 1
-        if not self.valid(action):
-            shown = action if action is not None else "(unparseable)"
-            self.done = self.invalid_action == "fail" or self.steps >= self.max_steps
-            truncated = self.done and self.invalid_action != "fail"      # "step" mode ran out of steps
-            self.state = replace_feedback(self.state, f"Invalid action: {shown}.")
-            return self.state, 0.0, self.done, self._info(False, True, truncated=truncated)
+    def _act(self, action: str) -> tuple[str, float, bool, dict]:
         obs, reward, terminated, truncated, _ = self.env.step(to_browsergym(action))
         error = obs.get("last_action_error") or ""
         success = bool(terminated) and reward >= 1.0
         self.done = bool(terminated or truncated) or self.steps >= self.max_steps
         feedback = action if not error else f"{action} failed: {error.splitlines()[0]}"
         self._observe(obs, feedback)
-        return self.state, float(success), self.done, self._info(success, False, truncated=self.done and not terminated)
+        return self.state, float(success), self.done, self._info(success, False, self.done and not terminated)

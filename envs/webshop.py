@@ -28,7 +28,7 @@ import urllib.request
 import uuid
 from html.parser import HTMLParser
 
-from .base import Task, is_success, join_items, render_state_lines, replace_feedback
+from .base import RealEnv, Task, is_success, join_items, refuse_generated, render_state_lines
 
 FOLDS = {"test": range(0, 500), "dev": range(500, 1500), "train": range(1500, 12087)}
 MAX_STEPS = 15
@@ -123,14 +123,13 @@ def query_of(instruction: str) -> str:
     return re.sub(r",?\s*and price lower than .*$", "", q).strip(" .,") or instruction.lower()
 
 
-class WebShopEnv:
+class WebShopEnv(RealEnv):
     """One WebShop session behind the TextEnv protocol (see module docstring)."""
+    info_defaults = {"score": 0.0}   # WebShop's purchase score (0 before the purchase)
 
     def __init__(self, spec: str = "webshop", invalid_action: str = "fail", max_steps: int = MAX_STEPS):
-        if invalid_action not in ("fail", "step"):
-            raise ValueError("invalid_action must be 'fail' or 'step'")
-        self.url, self.invalid_action, self.max_steps = base_url(spec), invalid_action, max_steps
-        self.task = None
+        super().__init__(invalid_action)
+        self.url, self.max_steps = base_url(spec), max_steps
 
     def _get(self, method: str, url: str, form: dict | None = None) -> Page:
         data = urllib.parse.urlencode(form).encode() if form else (b"" if method == "POST" else None)
@@ -138,8 +137,7 @@ class WebShopEnv:
             return Page(r.read().decode("utf-8", "replace"), r.url)
 
     def reset(self, task: Task) -> tuple[str, dict]:
-        if task.synthetic:
-            raise ValueError(f"task {task.id} is a generated task: it can only run in the dream")
+        refuse_generated(task)
         if task.seed not in task_seeds("", task.fold):
             raise ValueError(f"seed {task.seed} is not in the {task.fold} fold")
         self.session = f"{uuid.uuid4().hex[:8]}_fixed_{task.seed}"
@@ -167,20 +165,10 @@ class WebShopEnv:
         self.state = render_state_lines({"feedback": feedback, "page": kind.replace("_", " "), "you see": text,
                                          "options": join_items(options, "none")}, self.admissible)
 
-    def _info(self, success, invalid, score=0.0, truncated=False):
-        return {"admissible": self.admissible, "instruction": self.instruction, "success": success,
-                "invalid": invalid, "truncated": truncated, "steps": self.steps, "score": score}
+    def valid(self, action: str | None) -> bool:
+        return is_admissible(self.admissible, action)
 
-    def step(self, action: str | None) -> tuple[str, float, bool, dict]:
-        if self.task is None or self.done:
-            raise RuntimeError("step() on an episode that is not running; call reset(task) first")
-        self.steps += 1
-        if not is_admissible(self.admissible, action):
-            shown = action if action is not None else "(unparseable)"
-            self.done = self.invalid_action == "fail" or self.steps >= self.max_steps
-            truncated = self.done and self.invalid_action != "fail"      # "step" mode ran out of steps
-            self.state = replace_feedback(self.state, f"Invalid action: {shown}.")
-            return self.state, 0.0, self.done, self._info(False, True, truncated=truncated)
+    def _act(self, action: str) -> tuple[str, float, bool, dict]:
         if search := _SEARCH.match(action):
             self.page = self._get("POST", self.page.search, {"search_query": search.group(1)})
         else:
@@ -192,9 +180,9 @@ class WebShopEnv:
             self.admissible = []
             self.state = render_state_lines({"feedback": f"bought; score {score:g}", "page": "done",
                                              "you see": "nothing", "options": "none"}, [])
-            return self.state, score, True, self._info(is_success(score), False, score)
+            return self.state, score, True, self._info(is_success(score), False, score=score)
         self._observe(action)
-        return self.state, 0.0, self.done, self._info(False, False, truncated=self.done)   # no purchase yet
+        return self.state, 0.0, self.done, self._info(False, False, self.done)   # no purchase yet
 
     def _score(self) -> float | None:
         if "/done/" not in self.page.url:

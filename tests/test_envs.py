@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from envs import BatchEnv, FOLD_SEEDS, Task, make_env, parse_spec
+from envs.base import RealEnv
 from envs.collect import collect, read_jsonl, summary, write_jsonl
 from envs.textworld import OBSERVABLE_EXPERTS, coin_expert, parse_look, render_state
 
@@ -60,6 +61,44 @@ def test_step_limit_ends_episode():
     env.reset(Task("twc", "train", 3))
     _, _, done, info = env.step("fly to the moon")
     assert done and not info["truncated"], "an invalid action terminates the episode"
+
+
+class _Counter(RealEnv):
+    """A toy real environment: `inc` adds one, `win` ends it; the base does everything else."""
+    info_defaults = {"raw": ""}
+
+    def __init__(self, invalid_action="fail"):
+        super().__init__(invalid_action)
+        self.max_steps = 3
+
+    def reset(self, task):
+        self.task, self.steps, self.done, self.instruction = task, 0, False, "count"
+        self.admissible, self.state = ["inc", "win"], "feedback: -\nactions: inc | win"
+        return self.state, self._info(False, False)
+
+    def _act(self, action):
+        self.done = action == "win" or self.steps >= self.max_steps
+        return self.state, float(action == "win"), self.done, self._info(action == "win", False, raw=action)
+
+
+def test_real_env_base_applies_the_invalid_action_policy_to_every_adapter():
+    env = _Counter()
+    env.reset(Task("toy"))
+    s, r, done, info = env.step("fly")
+    assert done and r == 0.0 and info == {"admissible": ["inc", "win"], "instruction": "count", "success": False,
+                                          "invalid": True, "truncated": False, "steps": 1, "raw": ""}
+    assert s.startswith("feedback: Invalid action: fly.")
+    with pytest.raises(RuntimeError, match="not running"):
+        env.step("inc")
+    env = _Counter("step")
+    env.reset(Task("toy"))
+    assert env.step(None)[3]["invalid"] and not env.step("inc")[2]
+    _, _, done, info = env.step("bad")
+    assert done and info["invalid"] and info["truncated"], "step mode: the budget ran out"
+    with pytest.raises(ValueError, match="invalid_action"):
+        _Counter("ignore")
+    with pytest.raises(ValueError, match="generated task"):
+        make_env("twc").reset(Task("twc", "generated", 1, parent="twc/train/0"))
 
 
 def test_folds_are_disjoint_and_enforced():
