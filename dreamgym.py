@@ -198,6 +198,25 @@ class Transition:
         enforces the budget itself, as the real env does."""
         return self.done and not self.truncated
 
+    @property
+    def history_item(self) -> tuple[str, str]:
+        """What the later steps of its episode see of it in their history: (action, feedback)."""
+        return self.action, feedback_line(self.next_state)
+
+    @classmethod
+    def of_step(cls, task: Task, history: list, state: str, action: str | None, next_state: str, reward: float,
+                done: bool, flags: dict, *, source: str, traj: str, reasoning: str = "",
+                iteration: int = -1) -> "Transition":
+        """The one way a step becomes a Transition, whoever played it: offline rows (trajectories),
+        real-env rollouts (run_episodes), dreamed steps (DreamEnv). `history`: the (action, feedback)
+        pairs before the step, copied (its length is the step's index t); `flags`: the step's
+        success / invalid / truncated / model_failed as an environment's info reports them, a
+        missing one false. An unparseable action (None) is stored as ''."""
+        return cls(task=task, t=len(history), state=state, action=action or "", next_state=next_state,
+                   reward=reward, done=done, success=bool(flags.get("success")), invalid=bool(flags.get("invalid")),
+                   truncated=bool(flags.get("truncated")), model_failed=bool(flags.get("model_failed")),
+                   history=list(history), reasoning=reasoning, source=source, iteration=iteration, traj=traj)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["task"] = self.task.to_dict()
@@ -228,11 +247,11 @@ def trajectories(rows: list[dict]) -> list[list[Transition]]:
         for r in steps:
             task = Task.from_dict(r["task"])
             truncated = r["truncated"] if "truncated" in r else _budget_end(task, r)
-            traj.append(Transition(task=task, t=r["t"], state=r["state"], action=r["action"],
-                                   next_state=r["next_state"], reward=r["reward"], done=r["done"],
-                                   success=r["success"], invalid=r["invalid"], truncated=truncated,
-                                   history=list(hist), source="real", traj=name))
-            hist.append((r["action"], feedback_line(r["next_state"])))
+            tr = Transition.of_step(task, hist, r["state"], r["action"], r["next_state"], r["reward"], r["done"],
+                                    dict(success=r["success"], invalid=r["invalid"], truncated=truncated),
+                                    source="real", traj=name)
+            traj.append(tr)
+            hist.append(tr.history_item)
         out.append(traj)
     return out
 
@@ -1025,12 +1044,11 @@ class DreamEnv:
     def _advance(self, i, action, next_state, reward, done, reasoning, invalid=False, model_failed=False,
                  truncated=False):
         success = done and envs.is_success(reward)
-        tr = Transition(task=self.tasks[i], t=self.steps[i] - 1, state=self.states[i], action=action,
-                        next_state=next_state, reward=reward, done=done, success=success, invalid=invalid,
-                        truncated=truncated, model_failed=model_failed,
-                        history=list(self.history[i]), reasoning=reasoning, source="dream",
-                        iteration=self.iteration, traj=f"dream/{self.iteration}/{self.tasks[i].id}/{i}")
-        self.history[i].append((action, feedback_line(next_state)))
+        tr = Transition.of_step(self.tasks[i], self.history[i], self.states[i], action, next_state, reward, done,
+                                dict(success=success, invalid=invalid, truncated=truncated, model_failed=model_failed),
+                                source="dream", traj=f"dream/{self.iteration}/{self.tasks[i].id}/{i}",
+                                reasoning=reasoning, iteration=self.iteration)
+        self.history[i].append(tr.history_item)
         self.states[i], self.done[i] = next_state, done
         self.stats["model_failed"] += model_failed
         return StepResult(next_state, reward, done, self._info(i, success, invalid, tr))
@@ -1066,14 +1084,11 @@ def run_episodes(agent: LocalLM, env, tasks: list[Task], params, history: int = 
             eps[i].success = eps[i].success or bool(r.info.get("success"))
             tr = r.info.get("transition")
             if tr is None:   # real envs report no Transition record: build it
-                tr = Transition(task=tasks[i], t=len(hist[i]), state=states[i], action=actions[i] or "",
-                                next_state=r.state, reward=r.reward, done=r.done,
-                                success=bool(r.info.get("success")), invalid=bool(r.info.get("invalid")),
-                                truncated=bool(r.info.get("truncated")), history=list(hist[i]), source="real",
-                                traj=f"real/{tasks[i].id}/{i}")
+                tr = Transition.of_step(tasks[i], hist[i], states[i], actions[i], r.state, r.reward, r.done, r.info,
+                                        source="real", traj=f"real/{tasks[i].id}/{i}")
             eps[i].transitions.append(tr)
             eps[i].exp_failed = eps[i].exp_failed or tr.model_failed
-            hist[i].append((actions[i] or "", feedback_line(r.state)))
+            hist[i].append(tr.history_item)
             states[i] = r.state
         live = [i for i in live if not results[i].done]
     return eps
