@@ -108,14 +108,16 @@ _EXP_RE = re.compile(r"^\s*(?:<think>" + _NO_TAG + r"</think>)?\s*<state>" + _NO
 
 
 @dataclass
-class ExpOutput:
+class ExpAnswer:
+    """What the experience model wrote, parsed: its fields as written (ExperienceModel.step turns an
+    answer into the step the dream takes, an ExpStep)."""
     reasoning: str
     next_state: str
     reward: float
     done: bool
 
 
-def parse_exp(text: str) -> ExpOutput | None:
+def parse_exp(text: str) -> ExpAnswer | None:
     """The experience model's output, or None when malformed: the fields in order, no tag inside a
     field (a backtracking match once glued a second, garbled answer into the state), and a
     well-formed state. Never raises. The reward is clipped to [0, 1]: a model cannot invent rewards
@@ -134,7 +136,7 @@ def parse_exp(text: str) -> ExpOutput | None:
     # (a MiniWoB page is gone once the episode ends: `actions: none`)
     if not well_formed_state(state, final=done):
         return None
-    return ExpOutput((m.group(1) or "").strip(), state, min(max(reward, 0.0), 1.0), done)
+    return ExpAnswer((m.group(1) or "").strip(), state, min(max(reward, 0.0), 1.0), done)
 
 
 def task_prompt(seed: Task) -> str:
@@ -792,7 +794,9 @@ class ExpQuery:
 
 
 @dataclass
-class ExpResult:
+class ExpStep:
+    """One simulated step: the outcome of an ExpQuery, from a well-formed answer (ExpAnswer) or, when
+    the answers stayed malformed, the failure state (ok False)."""
     next_state: str
     reward: float
     done: bool
@@ -850,12 +854,12 @@ class ExperienceModel:
         return None if any(r is None for r in rows) else self.buffer.emb[rows]
 
     # -- inference
-    def step(self, queries: list[ExpQuery]) -> list[ExpResult]:
+    def step(self, queries: list[ExpQuery]) -> list[ExpStep]:
         if not queries:
             return []
         demos = self.demos(queries)
         prompts = [self.prompt(q, d) for q, d in zip(queries, demos)]
-        results: list[ExpResult | None] = [None] * len(queries)
+        results: list[ExpStep | None] = [None] * len(queries)
         todo = list(range(len(queries)))
         for attempt in range(2):                       # one retry for malformed outputs
             batch = [prompts[i] for i in todo]
@@ -865,19 +869,19 @@ class ExperienceModel:
             gens = self.lm.generate(EXP_SYSTEM, batch, params, generator=gen)
             again = []
             for i, g in zip(todo, gens):
-                out = parse_exp(g.text)
-                if out is None:
+                answer = parse_exp(g.text)
+                if answer is None:
                     self.stats["malformed"] += 1
                     again.append(i)
                 else:
-                    results[i] = ExpResult(out.next_state, out.reward, out.done or out.reward > 0.5,
-                                           out.reasoning)
+                    results[i] = ExpStep(answer.next_state, answer.reward, answer.done or answer.reward > 0.5,
+                                         answer.reasoning)
             todo = again
             if not todo:
                 break
         for i in todo:
             self.stats["failed"] += 1
-            results[i] = ExpResult(replace_feedback(queries[i].state, FAILED_STEP), 0.0, True, "", ok=False)
+            results[i] = ExpStep(replace_feedback(queries[i].state, FAILED_STEP), 0.0, True, "", ok=False)
         self.stats["steps"] += len(queries)
         return results
 
@@ -986,11 +990,12 @@ def task_words(text: str) -> list[str]:
     return re.findall(r"[a-z]+", text.lower())
 
 
-def mix_tasks(real: list[Task], generated: list[Task], n: int, lam: float, rng: random.Random) -> list[Task]:
-    """n tasks for one iteration: at most floor(lam * n) generated ones, the rest real seed tasks."""
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError("lambda (synthetic task share) must be in [0, 1]")
-    n_gen = min(int(math.floor(lam * n)), len(generated))
+def mix_tasks(real: list[Task], generated: list[Task], n: int, taskgen_share: float, rng: random.Random) -> list[Task]:
+    """n tasks for one iteration: at most floor(taskgen_share * n) generated ones (the paper's lambda),
+    the rest real seed tasks."""
+    if not 0.0 <= taskgen_share <= 1.0:
+        raise ValueError("taskgen_share (the share of generated tasks) must be in [0, 1]")
+    n_gen = min(int(math.floor(taskgen_share * n)), len(generated))
     picked = rng.sample(generated, n_gen) if n_gen else []
     return rng.sample(real, min(n - n_gen, len(real))) + picked
 
@@ -1004,8 +1009,8 @@ class DreamEnv:
     invalid action fails the episode with reward 0 without asking the model, exactly as in the real
     environment. Success is the real environments' threshold too (envs.is_success)."""
 
-    def __init__(self, exp: ExperienceModel, max_steps: int, iteration: int = -1):
-        self.exp, self.max_steps, self.iteration = exp, max_steps, iteration
+    def __init__(self, exp_model: ExperienceModel, max_steps: int, iteration: int = -1):
+        self.exp_model, self.max_steps, self.iteration = exp_model, max_steps, iteration
         self.stats = defaultdict(int)
 
     def reset(self, tasks: list[Task]) -> list[tuple[str, dict]]:
@@ -1035,7 +1040,7 @@ class DreamEnv:
             else:
                 queries.append(ExpQuery(self.tasks[i], list(self.history[i]), self.states[i], a))
                 valid.append(i)
-        for i, q, res in zip(valid, queries, self.exp.step(queries)):
+        for i, q, res in zip(valid, queries, self.exp_model.step(queries)):
             done = res.done or self.steps[i] >= self.max_steps
             out[i] = self._advance(i, q.action, res.next_state, res.reward if res.done else 0.0, done,
                                    res.reasoning, model_failed=not res.ok, truncated=not res.done and done)
@@ -1246,17 +1251,17 @@ def token_f1(pred: str, gold: str) -> float:
     return 2 * prec * rec / (prec + rec)
 
 
-def fidelity(exp: ExperienceModel, transitions: list[Transition], batch: int = 64) -> dict:
+def fidelity(exp_model: ExperienceModel, transitions: list[Transition], batch: int = 64) -> dict:
     """Compare M_exp's predictions with held-out real transitions: reward and done accuracy (and the
     reward accuracy on the rare positive steps, which a constant-0 predictor gets all wrong),
     invalid-action detection (predicts a failure: done with reward 0), next-state exact match and
     token F1 (valid actions), the share of first outputs that were malformed (parse_fail) and the share
     still malformed after the one retry (failed)."""
     preds = []
-    before = dict(exp.stats)
+    before = dict(exp_model.stats)
     for i in range(0, len(transitions), batch):
         chunk = transitions[i:i + batch]
-        preds += exp.step([ExpQuery(t.task, t.history, t.state, t.action) for t in chunk])
+        preds += exp_model.step([ExpQuery(t.task, t.history, t.state, t.action) for t in chunk])
     valid = [(t, p) for t, p in zip(transitions, preds) if not t.invalid]
     invalid = [(t, p) for t, p in zip(transitions, preds) if t.invalid]
     pos = [(t, p) for t, p in valid if t.reward > 0]
@@ -1269,9 +1274,9 @@ def fidelity(exp: ExperienceModel, transitions: list[Transition], batch: int = 6
         state_exact=float(np.mean([p.next_state.strip() == t.next_state.strip() for t, p in valid])) if valid else float("nan"),
         state_f1=float(np.mean([token_f1(p.next_state, t.next_state) for t, p in valid])) if valid else float("nan"),
         # malformed counts every attempt; a query is retried once, and the retry's failures are `failed`
-        parse_fail=((exp.stats["malformed"] - before.get("malformed", 0)) -
-                    (exp.stats["failed"] - before.get("failed", 0))) / max(1, len(transitions)),
-        failed=(exp.stats["failed"] - before.get("failed", 0)) / max(1, len(transitions)),
+        parse_fail=((exp_model.stats["malformed"] - before.get("malformed", 0)) -
+                    (exp_model.stats["failed"] - before.get("failed", 0))) / max(1, len(transitions)),
+        failed=(exp_model.stats["failed"] - before.get("failed", 0)) / max(1, len(transitions)),
     )
 
 

@@ -1,6 +1,6 @@
 """Evaluation: an agent's success in the real environment, and an experience model's fidelity.
 
-    python eval.py agent --ckpt runs/default/agent_best --fold test --episodes 200   # or <run>/ckpt/<version>/agent
+    python eval.py agent --ckpt runs/default/agent_selected --fold test --episodes 200   # or <run>/ckpt/<version>/agent
     python eval.py fidelity --run runs/default --fold test      # reward/done/state accuracy of M_exp
 
 Agents are evaluated greedily (temperature 0) on the first `episodes` seeds of a held-out fold,
@@ -43,7 +43,7 @@ METHODS = [
 def collapsed(final: dict) -> bool:
     """A greedy agent that lost the output format (>= 25% malformed turns) or stopped choosing
     listed actions (>= 75% invalid; the warm start makes 29-39%). The table applies it to each run's
-    last agent, which keep_best may not report: it says how stable the RL was, not what was reported."""
+    last agent, which select_agent may not report: it says how stable the RL was, not what was reported."""
     return final["format_error"] >= 0.25 or final["invalid"] >= 0.75
 
 
@@ -54,11 +54,11 @@ def sampled_successes(cfg, run_dir: str, seed: int, which=("warm", "final")) -> 
     """Test success of the warm start and/or of the run's final agent at temperature 1 (SAMPLES per
     task, seeded by the run's seed), next to the greedy numbers train.run reports."""
     dev = device_of(cfg.device)
-    best = os.path.join(run_dir, "agent_best")        # keep_best: the reported agent is the curve-fold best
+    selected = os.path.join(run_dir, "agent_selected")    # select_agent: the reported agent is the curve-fold best
     ck = latest_checkpoint(run_dir)
     last = os.path.join(ck, "agent") if ck else None
     paths = {"warm": cfg.warm_ckpt or os.path.join(run_dir, "agent_warm"),
-             "final": best if cfg.keep_best and os.path.exists(best) else last, "last": last}
+             "final": selected if cfg.select_agent and os.path.exists(selected) else last, "last": last}
     out = {}
     for key, path in ((f"{w}_sampled", paths[w]) for w in which):
         agent = train.load_lm(cfg, path, dev, trainable=False)
@@ -100,14 +100,14 @@ def diff_text(base: list[dict], other: list[dict]) -> str:
 def reuse_dream_phase(cfg, base_dir: str, algo: str):
     """S2R's first `iterations` are exactly the same-seed DreamGym run (same config but the mode, same
     RNG streams), so an S2R run that has not started continues that run's last checkpoint (with its
-    curve history and best agent) into the real phase instead of dreaming it all again."""
+    curve history and selected agent) into the real phase instead of dreaming it all again."""
     name = next(n for n, o, _ in METHODS if o == dict(mode="dream", algo=algo))
     dream = os.path.join(base_dir, name.replace(" ", "_"))
     if latest_checkpoint(cfg.out) or not os.path.exists(os.path.join(dream, "results.json")):
         return
     os.makedirs(cfg.out, exist_ok=True)
-    if os.path.exists(os.path.join(dream, "agent_best")):
-        shutil.copytree(os.path.join(dream, "agent_best"), os.path.join(cfg.out, "agent_best"))
+    if os.path.exists(os.path.join(dream, "agent_selected")):
+        shutil.copytree(os.path.join(dream, "agent_selected"), os.path.join(cfg.out, "agent_selected"))
     rows = [r for r in read_jsonl(os.path.join(dream, "metrics.jsonl")) if r.get("stage") != "eval"]
     write_jsonl(os.path.join(cfg.out, "metrics.jsonl"), rows)      # its own evaluations are redone
     copy_checkpoint(dream, cfg.out)
@@ -125,14 +125,14 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
     for seed in seeds:
         base_dir = os.path.join(out, f"seed{seed}")
         first = os.path.join(base_dir, METHODS[0][0].replace(" ", "_"))
-        for name, over, own_exp in chosen:
+        for name, over, own_exp_model in chosen:
             run_dir = os.path.join(base_dir, name.replace(" ", "_").replace(":", ""))
             cfg = train.Config(**{**overrides, **over, "seed": seed, "out": run_dir})
             if run_dir != first:                  # reuse the seed's first M_exp / warm start unless given
                 cfg.warm_ckpt = overrides.get("warm_ckpt") or os.path.join(first, "agent_warm")
                 # the retrieval / reasoning ablations always train their own M_exp, even when the
                 # others share a given one: their M_exp is trained differently
-                cfg.exp_ckpt = "" if own_exp else (overrides.get("exp_ckpt") or os.path.join(first, "exp_model"))
+                cfg.exp_ckpt = "" if own_exp_model else (overrides.get("exp_ckpt") or os.path.join(first, "exp_model"))
             cfg.validate()
             if over["mode"] == "s2r":
                 reuse_dream_phase(cfg, base_dir, over["algo"])
@@ -144,12 +144,12 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
                 res.update(sampled_successes(cfg, run_dir, seed, need))
                 write_json(res_file, res)
             results[name].append(res)
-            if with_fidelity and own_exp and not cfg.exp_ckpt:      # a given, shared M_exp: once, by hand
+            if with_fidelity and own_exp_model and not cfg.exp_ckpt:      # a given, shared M_exp: once, by hand
                 key = {"DreamGym-GRPO": "full"}.get(name, name.split(": ")[-1])
                 fid.setdefault(key, []).append(train.fidelity_table(cfg, cfg.eval_fold))
     first = results[chosen[0][0]]
     # two protocols, both reported: the last agent (a fixed budget of iterations) and the dev-selected
-    # one (keep_best; "selected" = its iteration per seed, 0 = the warm start). Each RL row is compared
+    # one (select_agent; "selected" = its iteration per seed, 0 = the warm start). Each RL row is compared
     # with the warm start of the same seed on the same test tasks: the mean difference in points with a
     # 95% bootstrap interval over seeds and tasks (paired_bootstrap).
     last = lambda r, k="": r.get("last" + k, r["final" + k])

@@ -384,7 +384,7 @@ class AdapterReference:
     Why a snapshot and not `disable_adapter()`: the warm start trains the same LoRA adapter that RL
     goes on training, so "adapters off" is the pretrained base, not the warm-start policy the KL
     should hold the agent to. Snapshotting keeps every saved adapter (warm start, checkpoints,
-    agent_best) relative to the unchanged base, is exact for 4-bit bases too (merging the warm-start
+    agent_selected) relative to the unchanged base, is exact for 4-bit bases too (merging the warm-start
     adapter into an NF4 base would requantize it), and costs one adapter's memory (r=16 on
     SmolLM2-135M: 4.9M parameters). `active()` switches the LoRA layers to the snapshot, in eval mode
     (no dropout, as a separately loaded reference would run), for a forward pass without grad; the

@@ -4,7 +4,7 @@
     python train.py --mode real              # the baseline: the same RL in the real environment
     python train.py --mode s2r               # sim-to-real: dream first, then a small real budget
     python train.py --algo ppo               # PPO with a value head and GAE over turns
-    python train.py --iterations 60 --group_size 8 --lam_tasks 0.25 ...   # any Config field
+    python train.py --iterations 60 --group_size 8 --taskgen_share 0.25 ...   # any Config field
     python train.py --resume --out runs/x    # continue a killed run exactly
 
 Every hyperparameter is a field of `Config` below (cleanrl style) and can be overridden as
@@ -117,7 +117,7 @@ class Config:
     train_dtype: str = "auto"         # auto (bfloat16 autocast where the CPU has AMX/AVX512-BF16 and it measured faster) | float32 | bfloat16
     # --- curriculum task generation
     taskgen: bool = True              # ablation: --taskgen false
-    lam_tasks: float = 0.25           # lambda: max share of generated tasks per iteration
+    taskgen_share: float = 0.25       # max share of generated tasks per iteration (the paper's lambda)
     taskgen_every: int = 5            # iterations between curriculum rounds
     taskgen_seeds: int = 4            # seed tasks per round: the highest reward variance
     taskgen_per_seed: int = 2         # variations written per seed task
@@ -132,7 +132,7 @@ class Config:
     curve_fold: str = "dev"           # learning curves use dev: never tune on test
     eval_every: int = 5               # iterations between learning-curve points (0: none)
     curve_episodes: int = 50          # tasks of curve_fold per curve point
-    keep_best: bool = True            # final agent: the curve_fold-best of the warm start and every evaluated iteration
+    select_agent: bool = True         # final agent: the curve_fold-best of the warm start and every evaluated iteration
     ckpt_every: int = 1               # iterations between checkpoints
 
     def validate(self):
@@ -141,15 +141,15 @@ class Config:
             (self.algo in ("grpo", "ppo"), "algo must be grpo or ppo"),
             (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
             (self.group_size >= 2 or self.algo == "ppo", "GRPO needs group_size >= 2"),
-            (0 <= self.lam_tasks <= 1, "lam_tasks must be in [0, 1]"),
+            (0 <= self.taskgen_share <= 1, "taskgen_share must be in [0, 1]"),
             (0 < self.warm_share <= 1, "warm_share must be in (0, 1]"),
             (self.iterations >= 0 and self.tasks_per_iter >= 1, "iterations >= 0, tasks_per_iter >= 1"),
             (self.adv_scale in ("group", "batch", "none"), "adv_scale must be group, batch or none"),
             (self.eval_fold in ("dev", "test") and self.curve_fold in ("dev", "test"),
              "evaluate on a held-out fold: dev or test"),
-            (not self.keep_best or self.curve_fold != self.eval_fold,
-             "keep_best selects the final agent on curve_fold, so curve_fold must differ from eval_fold "
-             "(or pass --keep_best false)"),
+            (not self.select_agent or self.curve_fold != self.eval_fold,
+             "select_agent selects the final agent on curve_fold, so curve_fold must differ from eval_fold "
+             "(or pass --select_agent false)"),
             (self.minibatches >= 1 and self.update_epochs >= 1, "minibatches, update_epochs >= 1"),
             (self.lr > 0 and self.lr_warmup >= 0, "lr > 0 and lr_warmup >= 0"),
             (self.temperature > 0, f"--temperature {self.temperature}: RL samples its rollouts and divides the "
@@ -492,8 +492,8 @@ def experience_model(cfg: Config, trajs, tasks, buffer, encoder, dev, log) -> dg
         lm = load_lm(cfg, path, dev, trainable=False, name=cfg.exp_model)
         return exp_model_of(cfg, lm, buffer)
     lm = init_model(cfg, "exp", trajs, tasks, dev)
-    exp = exp_model_of(cfg, lm, buffer)
-    examples = exp.sft_examples([t for tr in trajs for t in tr])
+    exp_model = exp_model_of(cfg, lm, buffer)
+    examples = exp_model.sft_examples([t for tr in trajs for t in tr])
     if cfg.taskgen:
         examples += dg.TaskGenerator(lm).sft_examples(tasks, random.Random(cfg.seed), encoder)
     sft(lm, examples, cfg.exp_epochs, cfg.exp_lr, cfg.exp_batch_tokens, cfg.seed, "sft experience model", log,
@@ -502,7 +502,7 @@ def experience_model(cfg: Config, trajs, tasks, buffer, encoder, dev, log) -> dg
     save_on_main(lm, path)
     for p in lm.model.parameters():
         p.requires_grad_(False)
-    return exp
+    return exp_model
 
 
 # ============================================================================ stage 5: agent warm start
@@ -583,8 +583,8 @@ class RLState:
     generated: list = dataclasses.field(default_factory=list)      # generated Task dicts
     generated_count: int = 0           # candidates M_task has written so far: numbers generated tasks (unique ids)
     phase: str = "dream"               # dream | real (s2r switches once)
-    best_iteration: int = -1           # keep_best: iterations done when the curve_fold-best agent was seen
-    best_success: float = -1.0
+    selected_iteration: int = -1       # select_agent: iterations done when the selected agent was seen
+    selected_curve_success: float = -1.0   # its curve_fold success
 
 
 class ValueHead(torch.nn.Module):
@@ -768,15 +768,15 @@ def update_policy(agent: dg.LocalLM, opt, episodes, cfg: Config, head: ValueHead
 
 
 def iteration_tasks(cfg: Config, st: RLState, real: list[Task], rng: random.Random, phase: str):
-    """tasks_per_iter tasks (generated ones capped at lambda, dream only), each repeated G times."""
+    """tasks_per_iter tasks (generated ones capped at taskgen_share, dream only), each repeated G times."""
     generated = [Task.from_dict(d) for d in st.generated] if (cfg.taskgen and phase == "dream") else []
-    tasks = dg.mix_tasks(real, generated, cfg.tasks_per_iter, cfg.lam_tasks, rng)
+    tasks = dg.mix_tasks(real, generated, cfg.tasks_per_iter, cfg.taskgen_share, rng)
     batch = [t for t in tasks for _ in range(cfg.group_size)]
     groups = [i for i in range(len(tasks)) for _ in range(cfg.group_size)]
     return batch, groups
 
 
-def curriculum(cfg: Config, st: RLState, exp: dg.ExperienceModel, real: list[Task], log):
+def curriculum(cfg: Config, st: RLState, exp_model: dg.ExperienceModel, real: list[Task], log):
     """Pick the highest-variance seed tasks, real or generated, among the groups played since the last
     round (older variances describe an older policy), and let M_task write variations of them."""
     values = {tid: dg.reward_variance(r) for tid, r in st.task_rewards.items()}
@@ -784,7 +784,7 @@ def curriculum(cfg: Config, st: RLState, exp: dg.ExperienceModel, real: list[Tas
     seeds = [pool[tid] for tid in dg.TaskGenerator.select(values, cfg.taskgen_seeds) if tid in pool]
     tiny = cfg.exp_model.startswith("tiny") and not cfg.exp_endpoint
     vocab = {w for t in real for w in dg.task_words(t.instruction + " " + t.init_state)} if tiny else None
-    gen = dg.TaskGenerator(exp.lm, judge=cfg.taskgen_judge, vocabulary=vocab)
+    gen = dg.TaskGenerator(exp_model.lm, judge=cfg.taskgen_judge, vocabulary=vocab)
     known = {t.init_state for t in real} | {d["init_state"] for d in st.generated}
     new = gen.generate(seeds, cfg.taskgen_per_seed, known, first_seed=st.generated_count,
                        # its own seeded sampler: a resumed run samples the same tasks on any device
@@ -811,7 +811,7 @@ def next_phase(cfg: Config, st: RLState) -> str | None:
     return "real" if st.real_transitions < cfg.s2r_real_budget else None
 
 
-def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=None):
+def rl(cfg: Config, agent, exp_model, buffer, real_tasks, dev, log, ref=None, eval_fn=None):
     """The DreamGym loop. mode dream: every rollout is dreamed by M_exp; real: the same loop against
     the real env; s2r: dream for `iterations`, then real RL until `s2r_real_budget` transitions."""
     ckdir = os.path.join(cfg.out, "ckpt")
@@ -828,20 +828,20 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
         restart_rl(buffer, log)
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=64, stop=(dg.AGENT_STOP,))
     max_steps = envs.max_steps(cfg.env)
-    if cfg.keep_best and eval_fn is not None and st.best_iteration < 0:      # the warm start: iteration 0
+    if cfg.select_agent and eval_fn is not None and st.selected_iteration < 0:      # the warm start: iteration 0
         warm = eval_fn(agent) if DIST.main else None
         log(stage="curve", iteration=0, fold=cfg.curve_fold, curve_success=warm)
-        keep_if_best(cfg, st, agent, warm)
+        update_selection(cfg, st, agent, warm)
     bar = tqdm(total=cfg.iterations, initial=min(st.iteration, cfg.iterations), desc=f"RL {cfg.mode}/{cfg.algo}",
                disable=not DIST.main)
     while (phase := next_phase(cfg, st)) is not None:
         st.phase = phase
-        t0, exp_failed = time.time(), exp.stats["failed"] if exp else 0
+        t0, exp_failed = time.time(), exp_model.stats["failed"] if exp_model else 0
         batch, groups = iteration_tasks(cfg, st, real_tasks, rng, phase)
         n_generated = sum(t.synthetic for t in batch) // max(1, cfg.group_size)
         mine = [i for i, g in enumerate(groups) if g % DIST.world == DIST.rank]     # this rank's groups
         batch, groups = [batch[i] for i in mine], [groups[i] for i in mine]
-        env = dg.DreamEnv(exp, max_steps, st.iteration) if phase == "dream" else dg.make_real_env(cfg.env, len(batch))
+        env = dg.DreamEnv(exp_model, max_steps, st.iteration) if phase == "dream" else dg.make_real_env(cfg.env, len(batch))
         episodes = dg.run_episodes(agent, env, batch, sampling, cfg.history, groups, generator=gen)
         upd = update_policy(agent, opt, episodes, cfg, head, ref)
         # keep every rank's buffer and curriculum identical: gather, then apply in rank order
@@ -867,19 +867,19 @@ def rl(cfg: Config, agent, exp, buffer, real_tasks, dev, log, ref=None, eval_fn=
                    generated_tasks=n_generated,
                    invalid_actions=sum(t.invalid for t in transitions),
                    real_transitions=st.real_transitions, dream_transitions=st.dream_transitions,
-                   exp_failed=(exp.stats["failed"] - exp_failed) if exp else 0,
+                   exp_failed=(exp_model.stats["failed"] - exp_failed) if exp_model else 0,
                    exp_failed_episodes=sum(x[4] for x in summary), secs=round(time.time() - t0, 1),
                    **upd)
         st.iteration += 1
-        if phase == "dream" and cfg.taskgen and cfg.lam_tasks > 0 and st.iteration % cfg.taskgen_every == 0:
+        if phase == "dream" and cfg.taskgen and cfg.taskgen_share > 0 and st.iteration % cfg.taskgen_every == 0:
             if DIST.main:
-                curriculum(cfg, st, exp, real_tasks, log)
+                curriculum(cfg, st, exp_model, real_tasks, log)
             st.generated, st.generated_count, st.task_rewards = DIST.broadcast(
                 (st.generated, st.generated_count, st.task_rewards))
         if eval_fn is not None and cfg.eval_every and (st.iteration % cfg.eval_every == 0 or next_phase(cfg, st) is None):
             row["curve_success"] = eval_fn(agent) if DIST.main else None
-            if cfg.keep_best:
-                keep_if_best(cfg, st, agent, row["curve_success"])
+            if cfg.select_agent:
+                update_selection(cfg, st, agent, row["curve_success"])
         log(**row)
         crash_point("rl.logged")
         bar.update(1)
@@ -946,15 +946,16 @@ def restart_rl(buffer, log: Log):
               f"{rows} metrics rows of the unfinished first iterations)")
 
 
-def keep_if_best(cfg: Config, st: RLState, agent, success: float | None):
-    """Model selection on the held-out curve fold (never the evaluation fold): remember the agent with
-    the best curve success so far, the warm start included. A tie keeps the later agent: the greedy dev
-    success takes few distinct values on small folds, and a tie rule alone must not pick the warm start.
-    Saved (atomically, with its tokenizer: `eval.py agent --ckpt <run>/agent_best` loads it) before the
-    checkpoint that records it, so a resumed run never points at a missing file. Rank 0 only."""
-    if DIST.main and success >= st.best_success:
-        st.best_success, st.best_iteration = success, st.iteration
-        save_agent(agent, os.path.join(cfg.out, "agent_best"))
+def update_selection(cfg: Config, st: RLState, agent, success: float | None):
+    """Model selection on the held-out curve fold (never the evaluation fold): the selected agent is
+    the one with the best curve success so far, the warm start included. A tie selects the later agent:
+    the greedy dev success takes few distinct values on small folds, and a tie rule alone must not pick
+    the warm start. Saved (atomically, with its tokenizer: `eval.py agent --ckpt <run>/agent_selected`
+    loads it) before the checkpoint that records it, so a resumed run never points at a missing file.
+    Rank 0 only."""
+    if DIST.main and success >= st.selected_curve_success:
+        st.selected_curve_success, st.selected_iteration = success, st.iteration
+        save_agent(agent, os.path.join(cfg.out, "agent_selected"))
 
 
 
@@ -972,8 +973,8 @@ def fidelity_table(cfg: Config, fold: str, n_traj: int = 150) -> dict:
         real = dg.ReplayBuffer(encoder, cfg.buffer_capacity)          # in memory only: the run's files stay
         real.add([buffer.items[i] for i in keep], buffer.emb[keep])
         buffer = real
-    exp = experience_model(cfg, trajs, seed_tasks(trajs), buffer, encoder, dev, None)
-    return dg.fidelity(exp, dg.heldout_transitions(cfg.env, fold, n_traj))
+    exp_model = experience_model(cfg, trajs, seed_tasks(trajs), buffer, encoder, dev, None)
+    return dg.fidelity(exp_model, dg.heldout_transitions(cfg.env, fold, n_traj))
 
 
 def annotated_trajectories(cfg: Config):
@@ -1022,8 +1023,8 @@ def run(cfg: Config) -> dict:
     if DIST.main:
         DIST.barrier()
     # real-env RL needs no M_exp, but a tiny agent starts from its weights (agent_init="exp")
-    need_exp = cfg.mode != "real" or (cfg.agent_init == "exp" and cfg.agent_model.startswith("tiny"))
-    exp = experience_model(cfg, trajs, tasks, buffer, encoder, dev, log) if need_exp else None
+    need_exp_model = cfg.mode != "real" or (cfg.agent_init == "exp" and cfg.agent_model.startswith("tiny"))
+    exp_model = experience_model(cfg, trajs, tasks, buffer, encoder, dev, log) if need_exp_model else None
     agent, n_warm = warm_start(cfg, trajs, tasks, dev, log)
     results["offline_transitions"] = sum(len(t) for t in trajs)
     results["warm_transitions"] = n_warm
@@ -1037,18 +1038,19 @@ def run(cfg: Config) -> dict:
         ref = load_lm(cfg, cfg.warm_ckpt or os.path.join(cfg.out, "agent_warm"), dev, trainable=False,
                       name=cfg.agent_model)
     curve = lambda a: dg.evaluate_agent(a, cfg.env, cfg.curve_fold, cfg.curve_episodes, cfg.history)["success"]
-    st = rl(cfg, agent, exp, buffer, tasks, dev, log, ref, curve)
+    st = rl(cfg, agent, exp_model, buffer, tasks, dev, log, ref, curve)
     results["rl_real_transitions"] = st.real_transitions
     results["rl_dream_transitions"] = st.dream_transitions
     if DIST.world > 1:
         write_json(os.path.join(cfg.out, f"rank{DIST.rank}.json"), fingerprint(agent, buffer))
     if DIST.main:
         results["final"] = dg.evaluate_agent(agent, cfg.env, cfg.eval_fold, cfg.eval_episodes, cfg.history)
-        if cfg.keep_best and st.best_iteration >= 0:
-            results["selected_iteration"], results["selected_curve_success"] = st.best_iteration, st.best_success
-            if st.best_iteration != st.iteration:     # the last agent is reported too, as "last"
+        if cfg.select_agent and st.selected_iteration >= 0:
+            results["selected_iteration"] = st.selected_iteration
+            results["selected_curve_success"] = st.selected_curve_success
+            if st.selected_iteration != st.iteration:     # the last agent is reported too, as "last"
                 results["last"] = results["final"]
-                load_agent_weights(agent, os.path.join(cfg.out, "agent_best"))
+                load_agent_weights(agent, os.path.join(cfg.out, "agent_selected"))
                 results["final"] = dg.evaluate_agent(agent, cfg.env, cfg.eval_fold, cfg.eval_episodes, cfg.history)
         log(stage="eval", which="final", fold=cfg.eval_fold, **results["final"])
         write_json(res_path, results)

@@ -239,11 +239,11 @@ def bench_dream(a):
     import dreamgym as dg
     with tempfile.TemporaryDirectory() as root:
         (agent_m, tok), (exp_m, _) = tiny_models(root, "tiny", n=2)
-        agent, exp = dg.LocalLM(agent_m, tok, max_batch=a.batch), dg.LocalLM(exp_m, tok, max_batch=a.batch)
+        agent, exp_lm = dg.LocalLM(agent_m, tok, max_batch=a.batch), dg.LocalLM(exp_m, tok, max_batch=a.batch)
         hf_agent, hf_exp = dg.LocalLM(agent_m, tok), dg.LocalLM(exp_m, tok)
         hf_agent.engine, hf_exp.engine = HFBackend(agent_m, tok), HFBackend(exp_m, tok)
         agent.engine = Engine(agent_m, tok, max_batch=a.batch, dtype=a.dtype)
-        exp.engine = Engine(exp_m, tok, max_batch=a.batch, dtype=a.dtype)
+        exp_lm.engine = Engine(exp_m, tok, max_batch=a.batch, dtype=a.dtype)
         print(f"engine computes in {dtype_name(agent.engine.compute_dtype())}, "
               f"HF generate in {dtype_name(agent_m.dtype)}")
         users_a, users_e = user_texts(tok, a.batch, 200, 1), user_texts(tok, a.batch, 200, 2)
@@ -253,7 +253,7 @@ def bench_dream(a):
 
         def engine_step():
             agent.generate(dg.AGENT_SYSTEM, users_a, pa, generator=gen)
-            return exp.generate(dg.EXP_SYSTEM, users_e, pe)
+            return exp_lm.generate(dg.EXP_SYSTEM, users_e, pe)
 
         def hf_step():
             hf_agent.generate(dg.AGENT_SYSTEM, users_a, pa)

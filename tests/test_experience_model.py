@@ -62,8 +62,8 @@ class ChatServer:
 
 def test_sft_scores_target_tokens_only(setup):
     cfg, lm, trajs = setup
-    exp = train.exp_model_of(cfg, lm, None)
-    examples = exp.sft_examples([t for tr in trajs[:3] for t in tr])
+    exp_model = train.exp_model_of(cfg, lm, None)
+    examples = exp_model.sft_examples([t for tr in trajs[:3] for t in tr])
     data = train.encode_examples(lm, examples)
     batch = dg.pack(data, lm.tokenizer.pad_token_id, "cpu")
     assert batch["targets"].tolist() == [x for _, t in data for x in t], "only target tokens are scored"
@@ -76,10 +76,10 @@ def test_sft_scores_target_tokens_only(setup):
 def test_sft_demos_never_come_from_the_same_trajectory(setup, tiny_run):
     cfg, lm, trajs = setup
     buf = train.build_buffer(cfg, trajs, dg.Encoder())
-    exp = train.exp_model_of(cfg, lm, buf)
+    exp_model = train.exp_model_of(cfg, lm, buf)
     flat = [t for tr in trajs for t in tr]
     qs = [dg.ExpQuery(t.task, t.history, t.state, t.action) for t in flat]
-    demos = exp.demos(qs, exclude_traj=[t.traj for t in flat])
+    demos = exp_model.demos(qs, exclude_traj=[t.traj for t in flat])
     assert all(len(d) == cfg.k for d in demos)
     assert all(d.traj != t.traj for t, ds in zip(flat, demos) for d in ds)
 
@@ -88,12 +88,12 @@ def test_malformed_outputs_are_retried_counted_and_fail_the_step(setup):
     cfg, _, trajs = setup
     d = os.path.join(cfg.out, "exp_init")                 # an untrained model: its outputs are malformed
     lm = train.load_lm(cfg, d, torch.device("cpu"), trainable=False)
-    exp = dg.ExperienceModel(lm, None, k=0, max_new_tokens=24)
+    exp_model = dg.ExperienceModel(lm, None, k=0, max_new_tokens=24)
     t = trajs[0][0]
-    res = exp.step([dg.ExpQuery(t.task, t.history, t.state, t.action)] * 2)
+    res = exp_model.step([dg.ExpQuery(t.task, t.history, t.state, t.action)] * 2)
     assert [r.ok for r in res] == [False, False]
     assert all(r.done and r.reward == 0.0 and dg.FAILED_STEP in r.next_state for r in res)
-    assert exp.stats["malformed"] == 4 and exp.stats["failed"] == 2, "one retry each, then counted"
+    assert exp_model.stats["malformed"] == 4 and exp_model.stats["failed"] == 2, "one retry each, then counted"
 
 
 def test_the_retry_samples_and_can_repair_a_step(setup):
@@ -109,11 +109,11 @@ def test_the_retry_samples_and_can_repair_a_step(setup):
             calls.append((params.temperature, generator is not None))
             return [Generation(good if params.temperature > 0 else "<state>oops", [], [], "stop") for _ in users]
 
-    exp = dg.ExperienceModel(Scripted(), None, k=0)
-    res = exp.step([dg.ExpQuery(t.task, t.history, t.state, t.action)])
+    exp_model = dg.ExperienceModel(Scripted(), None, k=0)
+    res = exp_model.step([dg.ExpQuery(t.task, t.history, t.state, t.action)])
     assert calls == [(0.0, False), (0.7, True)]
     assert res[0].ok and res[0].next_state == t.next_state.strip()
-    assert (exp.stats["malformed"], exp.stats["failed"]) == (1, 0)
+    assert (exp_model.stats["malformed"], exp_model.stats["failed"]) == (1, 0)
 
 
 def test_endpoint_backend_matches_local_and_keeps_the_key_secret(setup, monkeypatch):
@@ -178,9 +178,9 @@ def test_fidelity_metrics(setup):
     from eval import fidelity, token_f1
     cfg, lm, trajs = setup
     assert token_f1("a b c", "a b c") == 1.0 and token_f1("a", "b") == 0.0
-    exp = dg.ExperienceModel(lm, None, k=0, max_new_tokens=200)
+    exp_model = dg.ExperienceModel(lm, None, k=0, max_new_tokens=200)
     flat = [t for tr in trajs[:4] for t in tr]
-    f = fidelity(exp, flat)
+    f = fidelity(exp_model, flat)
     assert f["n"] == len(flat)
     for key in ("reward_acc", "done_acc", "state_f1", "parse_fail"):
         assert 0.0 <= f[key] <= 1.0

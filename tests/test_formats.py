@@ -22,8 +22,8 @@ def test_agent_round_trip_and_malformed():
 
 def test_exp_round_trip_and_clipping():
     out = dg.parse_exp(dg.exp_target("r", STATE, 1.0, True))
-    assert out == dg.ExpOutput("r", STATE, 1.0, True)
-    assert dg.parse_exp(dg.exp_target(None, STATE, 0, False)) == dg.ExpOutput("", STATE, 0.0, False)
+    assert out == dg.ExpAnswer("r", STATE, 1.0, True)
+    assert dg.parse_exp(dg.exp_target(None, STATE, 0, False)) == dg.ExpAnswer("", STATE, 0.0, False)
     assert dg.parse_exp(f"<state>{STATE}</state><reward>7</reward><done>yes</done>").reward == 1.0
     # a garbled answer after a valid-looking prefix must not be glued into the state by backtracking
     garbled = (f"<think>a</think><state>{STATE}</state><reward>0</reward><done>notakes me on</think>"
@@ -40,7 +40,7 @@ def test_final_state_may_list_no_actions():
     """A MiniWoB page is gone once its episode ends (`actions: none`): M_exp must be able to write
     that final state, but a state the episode goes on from needs actions, and so does a new task."""
     final = 'feedback: clicked [4] BUTTON. Episode over: task complete.\npage: -\nelements: none\nactions: none'
-    assert dg.parse_exp(dg.exp_target("r", final, 1.0, True)) == dg.ExpOutput("r", final, 1.0, True)
+    assert dg.parse_exp(dg.exp_target("r", final, 1.0, True)) == dg.ExpAnswer("r", final, 1.0, True)
     assert dg.parse_exp(dg.exp_target("r", final, 0.0, False)) is None
     assert dg.well_formed_state(final, final=True) and not dg.well_formed_state(final)
     assert dg.parse_task(f"<task>click ok</task><state>{final}</state>") is None
@@ -155,11 +155,11 @@ def test_experience_model_counts_every_failure_on_garbage():
     task = dg.Task("coin", instruction="find the coin")
     queries = [dg.ExpQuery(task, [("look", rng.choice(ODD))], STATE.replace("kitchen", "kitchen " + rng.choice(ODD)),
                            "open fridge") for _ in range(500)]
-    exp = dg.ExperienceModel(Garbage(), None, k=0)
-    res = exp.step(queries)
+    exp_model = dg.ExperienceModel(Garbage(), None, k=0)
+    res = exp_model.step(queries)
     malformed = sum(dg.parse_exp(t) is None for t in answered)
-    assert exp.stats["malformed"] == malformed and exp.stats["steps"] == 500
+    assert exp_model.stats["malformed"] == malformed and exp_model.stats["steps"] == 500
     retried = answered[500:]
     assert len(retried) == sum(dg.parse_exp(t) is None for t in answered[:500]), "each malformed answer retried once"
-    assert exp.stats["failed"] == sum(not r.ok for r in res) == sum(dg.parse_exp(t) is None for t in retried)
+    assert exp_model.stats["failed"] == sum(not r.ok for r in res) == sum(dg.parse_exp(t) is None for t in retried)
     assert all(r.ok or (r.done and r.reward == 0.0 and dg.FAILED_STEP in r.next_state) for r in res)

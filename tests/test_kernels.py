@@ -121,16 +121,16 @@ def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     """Pearson chi-square goodness of fit; bins expected < 5 are pooled; a draw of a token with
     probability 0 is an immediate failure (p = 0)."""
     n = counts.sum()
-    exp, obs = (probs.double() * n).cpu(), counts.double().cpu()
-    if (obs[exp == 0] > 0).any():
+    expected, obs = (probs.double() * n).cpu(), counts.double().cpu()
+    if (obs[expected == 0] > 0).any():
         return 0.0
-    exp, obs = exp[exp > 0], obs[exp > 0]
-    small = exp < 5
+    expected, obs = expected[expected > 0], obs[expected > 0]
+    small = expected < 5
     if small.any():
-        exp = torch.cat([exp[~small], exp[small].sum()[None]])
+        expected = torch.cat([expected[~small], expected[small].sum()[None]])
         obs = torch.cat([obs[~small], obs[small].sum()[None]])
-    chi2 = ((obs - exp) ** 2 / exp).sum()
-    df = len(exp) - 1
+    chi2 = ((obs - expected) ** 2 / expected).sum()
+    df = len(expected) - 1
     return torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), chi2 / 2).item()
 
 

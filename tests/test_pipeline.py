@@ -50,11 +50,11 @@ def test_dream_iteration_changes_the_policy_through_agent_tokens_only(tiny_run):
     root, cfg, _ = tiny_run
     dev = torch.device("cpu")
     agent = train.load_lm(cfg, os.path.join(cfg.out, "agent_warm"), dev, trainable=True)
-    exp = train.exp_model_of(cfg, train.load_lm(cfg, os.path.join(cfg.out, "exp_model"), dev, False), None)
+    exp_model = train.exp_model_of(cfg, train.load_lm(cfg, os.path.join(cfg.out, "exp_model"), dev, False), None)
     tasks = train.seed_tasks(train.annotated_trajectories(cfg))[:2]
     from engine import SamplingParams
     batch = [t for t in tasks for _ in range(3)]
-    eps = dg.run_episodes(agent, dg.DreamEnv(exp, 3), batch, SamplingParams(max_new_tokens=48, stop=(dg.AGENT_STOP,)),
+    eps = dg.run_episodes(agent, dg.DreamEnv(exp_model, 3), batch, SamplingParams(max_new_tokens=48, stop=(dg.AGENT_STOP,)),
                           groups=[0, 0, 0, 1, 1, 1], generator=torch.Generator().manual_seed(0))
     assert all(e.turns and e.transitions and all(t.source == "dream" for t in e.transitions) for e in eps)
     for i, e in enumerate(eps):          # give each group outcome variance, whatever the toy dream said
@@ -192,7 +192,7 @@ def test_bad_input_ends_the_run_at_once_in_one_line(tmp_path):
     assert e.value.code == 2
 
 
-def test_keep_best_selects_on_the_curve_fold_and_reports_that_agent(tiny_run, tmp_path):
+def test_select_agent_selects_on_the_curve_fold_and_reports_that_agent(tiny_run, tmp_path):
     _, cfg, res = tiny_run
     assert res["selected_iteration"] in (0, 1, 2)           # 0: the warm start, a candidate like any other
     rows = [json.loads(x) for x in open(os.path.join(cfg.out, "metrics.jsonl"))]
@@ -201,7 +201,7 @@ def test_keep_best_selects_on_the_curve_fold_and_reports_that_agent(tiny_run, tm
     best = max(curve.values())
     assert res["selected_curve_success"] == best
     assert res["selected_iteration"] == max(i for i, v in curve.items() if v == best), "a tie keeps the later"
-    # keep_if_best itself: the saved weights are the agent's at its best moment, not later ones
+    # update_selection itself: the saved weights are the agent's at its best moment, not later ones
     agent = train.load_lm(cfg, os.path.join(cfg.out, "agent_warm"), torch.device("cpu"), trainable=False)
     c = tiny_cfg(tmp_path, "kb")
     st = train.RLState()
@@ -212,17 +212,17 @@ def test_keep_best_selects_on_the_curve_fold_and_reports_that_agent(tiny_run, tm
         with torch.no_grad():
             p.add_(1.0)
         snapshots[it] = p.detach().clone()
-        train.keep_if_best(c, st, agent, success)
-    assert (st.best_iteration, st.best_success) == (2, 0.5), "a tie keeps the later agent"
+        train.update_selection(c, st, agent, success)
+    assert (st.selected_iteration, st.selected_curve_success) == (2, 0.5), "a tie selects the later agent"
     with torch.no_grad():
         p.zero_()
-    train.load_agent_weights(agent, os.path.join(c.out, "agent_best"))
+    train.load_agent_weights(agent, os.path.join(c.out, "agent_selected"))
     assert torch.equal(next(agent.model.parameters()), snapshots[2])
 
 
 def test_config_is_validated_at_start(tmp_path):
-    for bad in [dict(mode="sleep"), dict(algo="a2c"), dict(lam_tasks=2.0), dict(group_size=1),
-                dict(env="twc:bogus=1"), dict(eval_fold="train"), dict(eval_fold="dev", keep_best=True)]:
+    for bad in [dict(mode="sleep"), dict(algo="a2c"), dict(taskgen_share=2.0), dict(group_size=1),
+                dict(env="twc:bogus=1"), dict(eval_fold="train"), dict(eval_fold="dev", select_agent=True)]:
         with pytest.raises(ValueError):
             tiny_cfg(tmp_path, "x", **bad)
     with pytest.raises(SystemExit):
@@ -288,7 +288,7 @@ def test_fidelity_retrieves_from_the_offline_real_data_only(tiny_run, monkeypatc
     _, cfg, res = tiny_run
     seen = {}
     monkeypatch.setattr(dg, "heldout_transitions", lambda *a, **k: [])
-    monkeypatch.setattr(dg, "fidelity", lambda exp, trs: seen.setdefault("items", list(exp.buffer.items)))
+    monkeypatch.setattr(dg, "fidelity", lambda exp_model, trs: seen.setdefault("items", list(exp_model.buffer.items)))
     real_build = train.build_buffer
 
     def with_a_dreamed_one(*a):                   # a run's buffer: offline real + dreamed transitions

@@ -83,14 +83,14 @@ def test_reward_variance_and_seed_selection():
     assert "c" not in dg.TaskGenerator.select(values, 10)
 
 
-def test_mix_tasks_respects_lambda():
+def test_mix_tasks_respects_taskgen_share():
     real = [Task("twc", "train", i) for i in range(20)]
     gen = [Task("twc", "generated", i, init_state="s", parent="twc/train/0") for i in range(20)]
     rng = random.Random(0)
-    for lam, n in [(0.0, 8), (0.25, 8), (0.5, 7), (1.0, 4)]:
-        tasks = dg.mix_tasks(real, gen, n, lam, rng)
+    for share, n in [(0.0, 8), (0.25, 8), (0.5, 7), (1.0, 4)]:
+        tasks = dg.mix_tasks(real, gen, n, share, rng)
         assert len(tasks) == n
-        assert sum(t.synthetic for t in tasks) == min(int(lam * n), len(gen))
+        assert sum(t.synthetic for t in tasks) == min(int(share * n), len(gen))
     assert sum(t.synthetic for t in dg.mix_tasks(real, gen[:1], 8, 0.5, rng)) == 1
     with pytest.raises(ValueError):
         dg.mix_tasks(real, gen, 8, 1.5, rng)

@@ -71,8 +71,8 @@ def test_sft_demos_never_come_from_the_transitions_own_trajectory():
     own = tr("kitchen", "take coin", "You take the coin (own).", "offline/1")
     other = tr("kitchen", "take coin", "You take the coin (other).", "offline/2")
     buf.add([own, other])
-    exp = dg.ExperienceModel(None, buf, k=2)
-    (_, prompt, target), = exp.sft_examples([own])
+    exp_model = dg.ExperienceModel(None, buf, k=2)
+    (_, prompt, target), = exp_model.sft_examples([own])
     assert "(own)" in target and "(own)" not in prompt, "the label is never among its own demos"
     assert "(other)" in prompt
 
@@ -93,11 +93,11 @@ def test_sft_retrieval_uses_each_transitions_own_embedding():
     rooms = ["kitchen", "pantry", "garden", "cellar", "attic", "porch"]
     items = [tr(r, a, f"{r} {a} done", f"offline/{r}", t=j) for r in rooms for j, a in enumerate(["take coin", "move east"])]
     buf.add(items)
-    exp = dg.ExperienceModel(None, buf, k=2)
+    exp_model = dg.ExperienceModel(None, buf, k=2)
     fresh = enc([dg.query_text(t.state, t.action) for t in items])
-    assert np.allclose(exp._buffer_emb(items), fresh)
+    assert np.allclose(exp_model._buffer_emb(items), fresh)
     demos = buf.retrieve([t.state for t in items], [t.action for t in items], 2, exclude_traj=[t.traj for t in items])
-    assert [p for _, p, _ in exp.sft_examples(items)] == [exp.prompt(dg.ExpQuery(t.task, t.history, t.state, t.action), d)
+    assert [p for _, p, _ in exp_model.sft_examples(items)] == [exp_model.prompt(dg.ExpQuery(t.task, t.history, t.state, t.action), d)
                                                           for t, d in zip(items, demos)]
 
 
