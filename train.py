@@ -88,12 +88,12 @@ class Config:
     # --- agent warm start (behaviour cloning on a share of offline successes)
     warm_policies: str = "expert,filtered"  # offline policies whose successes are cloned (comma list of expert, noisy, random, filtered)
     warm_share: float = 1.0           # share of those successes (their real transitions are counted)
-    warm_epochs: float = 12.0         # most behaviour-cloning epochs of the warm start (early stopping ends it sooner)
+    warm_epochs: float = 15.0         # most behaviour-cloning epochs of the warm start (early stopping ends it sooner)
     warm_holdout: float = 0.1         # share of the warm-start trajectories held out for early stopping (0: off)
-    warm_patience: int = 2            # epochs without better held-out action agreement before the warm start stops
+    warm_patience: int = 4            # epochs without better held-out action agreement before the warm start stops
     warm_lr: float = 2e-3             # its learning rate
     warm_batch_tokens: int = 2048     # padded tokens per warm-start batch
-    agent_thoughts: str = "trace"     # the warm start's <think> targets: trace (R*_t) | plan (from the state) | none
+    agent_thoughts: str = "plan"      # the warm start's <think> targets: plan (from the state) | trace (R*_t) | none
     # --- RL
     iterations: int = 20              # RL iterations (s2r: dreamed ones, before the real phase)
     tasks_per_iter: int = 8           # tasks per iteration (each played group_size times)
