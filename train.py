@@ -51,7 +51,7 @@ class Config:
     algo: str = "grpo"                # grpo | ppo
     resume: bool = False              # continue the run in --out from its last checkpoint
     # --- environment and offline data (the paper's "offline real-world data")
-    env: str = "coin"                 # TextWorldExpress spec: coin | twc | cookingworld, e.g. "twc:numItemsToPutAway=2"
+    env: str = "coin:numLocations=5,max_steps=12"  # TextWorldExpress game and parameters: coin | twc | cookingworld ... (envs/textworld.py)
     offline_expert: int = 300         # expert trajectories (train fold) in the offline data
     offline_noisy: int = 300          # trajectories of the expert with epsilon-random steps
     offline_random: int = 200         # trajectories of uniform random play (incl. some invalid actions)
