@@ -328,11 +328,12 @@ def sft(lm: dg.LocalLM, examples, epochs: float, lr: float, max_tokens: int, see
         train_dtype: str = "auto", score=None) -> float:
     """Supervised fine-tuning on (system, prompt, target): loss on target tokens only (Eq. 5: the
     prompt -- task, history, demos, state, action -- is never trained on). Returns the last loss.
-    With `heldout` examples, they are scored after every epoch and training stops once the score has
-    not improved for `patience` epochs; the weights of the best epoch are kept (early stopping: the
-    warm start trains to convergence without overfitting, whatever the data size). The score is a
-    tuple compared in order, higher is better: `score(lm)` followed by minus the held-out loss, or the
-    minus loss alone when no `score` is given."""
+    With `heldout` examples, they are scored after every epoch: `score(lm)` (a tuple, higher is
+    better) followed by minus the held-out loss, compared in order. Training stops once for
+    `patience` epochs neither that score nor the held-out loss alone has improved (a noisy score
+    must not end a run whose loss still falls), and the weights of the best-scored epoch are kept:
+    early stopping, so the warm start trains to convergence without overfitting whatever the data
+    size."""
     model, dev = lm.model, next(lm.model.parameters()).device
     rng = random.Random(seed)
     data = DIST.broadcast(encode_examples(lm, examples, bpe_dropout))    # one segmentation for all ranks
@@ -345,7 +346,8 @@ def sft(lm: dg.LocalLM, examples, epochs: float, lr: float, max_tokens: int, see
     model.train()
     order, ema = [], None
     val = encode_examples(lm, heldout) if heldout else None
-    best, best_score, bad, epoch_steps = None, None, 0, max(1, len(batches) // DIST.world)
+    best, best_score, best_loss, bad = None, None, float("inf"), 0
+    epoch_steps = max(1, len(batches) // DIST.world)
     for step in (bar := tqdm(range(steps), desc=desc, dynamic_ncols=True, disable=not DIST.main)):
         if len(order) < DIST.world:       # a new epoch: fresh BPE-dropout segmentations, new order
             if step > 0 and bpe_dropout > 0:
@@ -376,13 +378,14 @@ def sft(lm: dg.LocalLM, examples, epochs: float, lr: float, max_tokens: int, see
                 log(stage=desc, step=step, epoch=round((step + 1) / epoch_steps, 2), heldout_loss=v,
                     **({"heldout_score": list(extra)} if extra else {}))
             now = extra + (-round(v, 4),)           # loss rounded: a change under 1e-4 is no better
+            progress = best_score is None or now > best_score or v < best_loss - 1e-4
+            best_loss = min(best_loss, v)
             if best_score is None or now > best_score:
-                best_score, bad = now, 0
+                best_score = now
                 best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-            else:
-                bad += 1
-                if bad >= patience:
-                    break
+            bad = 0 if progress else bad + 1
+            if bad >= patience:
+                break
     if best is not None:                  # the best epoch's weights (identical on every rank)
         with torch.no_grad():
             for n, p in model.named_parameters():

@@ -53,21 +53,22 @@ def test_warm_policies_are_validated():
     train.Config(warm_policies="expert,noisy,random,filtered").validate()
 
 
-def test_early_stopping_keeps_the_epoch_with_the_best_score(small_agent_dir):
-    """The score comes first (the loss only breaks its ties): training stops `patience` epochs after
-    the best score and restores that epoch's weights."""
+def test_early_stopping_keeps_the_epoch_with_the_best_score(small_agent_dir, monkeypatch):
+    """The score comes first (the loss breaks its ties) for the weights kept; training stops once for
+    `patience` epochs neither the score nor the held-out loss has improved."""
     lm = train.load_lm(train.Config(), small_agent_dir, torch.device("cpu"), trainable=True)
     ex = [(dg.AGENT_SYSTEM, dg.agent_prompt("put the apple in the fridge", [], f"room: kitchen {i}\nactions: take apple"),
            dg.agent_target("", "take apple")) for i in range(8)]
-    scores, snaps = iter([0.2, 0.6, 0.4, 0.5, 0.9, 1.0]), []
+    scores, losses, snaps = iter([0.2, 0.6, 0.4, 0.5, 0.5, 0.9]), iter([1.0, 0.9, 0.8, 0.85, 0.85, 0.1]), []
+    monkeypatch.setattr(train, "heldout_loss", lambda *a: next(losses))
 
     def score(m):
         snaps.append({n: p.detach().clone() for n, p in m.model.named_parameters()})
         return (next(scores),)
     train.sft(lm, ex, epochs=6, lr=1e-3, max_tokens=4096, seed=0, desc="t", heldout=ex[:2], patience=2, score=score)
-    assert len(snaps) == 4                  # epochs 1-4: no better score after epoch 2 for 2 epochs
+    assert len(snaps) == 5       # epoch 3's lower loss resets the patience; epochs 4 and 5 improve nothing
     for n, p in lm.model.named_parameters():
-        assert torch.equal(p, snaps[1][n])
+        assert torch.equal(p, snaps[1][n]), "the weights of epoch 2, the best score"
 
 
 def test_action_agreement_counts_the_demonstrated_action(small_agent_dir, monkeypatch):
