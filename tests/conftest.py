@@ -7,7 +7,21 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")     # before anything imports triton
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+
+class WordEncoder:
+    """A deterministic stand-in for phi: each text's vector is fixed by its words (the same in every
+    process), so retrieval arithmetic can be checked exactly and a saved buffer reloads identically."""
+    dim = 8
+
+    def __call__(self, texts):
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for i, t in enumerate(texts):
+            for w in t.split():
+                out[i, sum(map(ord, w)) % self.dim] += 1
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
 
 def pytest_addoption(parser):

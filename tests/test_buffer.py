@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import dreamgym as dg
+from conftest import WordEncoder
 from envs import Task
 
 T = Task("twc", "train", 0, instruction="tidy up")
@@ -13,18 +14,6 @@ T = Task("twc", "train", 0, instruction="tidy up")
 def tr(i, state, action, source="real", traj=None):
     return dg.Transition(task=T, t=i, state=state, action=action, next_state=state + "!", reward=0.0, done=False,
                          source=source, traj=traj or f"traj{i}")
-
-
-class BagEncoder:
-    """A deterministic stand-in for phi used only to check the retrieval arithmetic exactly."""
-    dim = 8
-
-    def __call__(self, texts):
-        out = np.zeros((len(texts), self.dim), np.float32)
-        for i, t in enumerate(texts):
-            for w in t.split():
-                out[i, hash(w) % self.dim] += 1
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +37,14 @@ def test_retrieve_returns_true_nearest_neighbours(encoder):
 
 
 def test_exclusion_of_own_trajectory():
-    buf = dg.ReplayBuffer(BagEncoder())
+    buf = dg.ReplayBuffer(WordEncoder())
     buf.add([tr(0, "a b", "x", traj="A"), tr(1, "a b", "x", traj="B"), tr(2, "c d", "y", traj="C")])
     got = buf.retrieve(["a b"], ["x"], k=2, exclude_traj=["A"])[0]
     assert [t.traj for t in got] == ["B", "C"]
 
 
 def test_persistence_round_trip_and_truncated_tail(tmp_path):
-    enc = BagEncoder()
+    enc = WordEncoder()
     path = str(tmp_path / "buf")
     buf = dg.ReplayBuffer(enc, path=None)
     buf.add([tr(i, f"s {i}", f"a {i % 3}") for i in range(10)])
@@ -78,7 +67,7 @@ def test_persistence_round_trip_and_truncated_tail(tmp_path):
 
 
 def test_eviction_drops_oldest_synthetic_never_real():
-    buf = dg.ReplayBuffer(BagEncoder(), capacity=5)
+    buf = dg.ReplayBuffer(WordEncoder(), capacity=5)
     buf.add([tr(i, f"s{i}", "a") for i in range(3)])
     buf.add([tr(10 + i, f"d{i}", "a", source="dream") for i in range(4)])
     assert len(buf) == 5 and len(buf.emb) == 5
@@ -131,7 +120,7 @@ def key(t):
 def test_dreamed_copies_never_crowd_out_the_real_transition():
     """Every rollout of a task starts from the same state: one iteration dreams up to G identical
     (state, action) steps, which embed exactly like the real one."""
-    buf = dg.ReplayBuffer(BagEncoder())
+    buf = dg.ReplayBuffer(WordEncoder())
     real = step(S0, "move north", "feedback: You go north.\nroom: hallway\nactions: move south")
     buf.add([real, step("feedback: -\nroom: attic\nactions: jump", "jump", "feedback: ouch\nactions: jump",
                         traj="real1")])
@@ -144,7 +133,7 @@ def test_dreamed_copies_never_crowd_out_the_real_transition():
 
 
 def test_retrieval_keeps_a_slot_for_the_nearest_real_transition():
-    buf = dg.ReplayBuffer(BagEncoder())
+    buf = dg.ReplayBuffer(WordEncoder())
     far = step("feedback: -\nroom: attic\nactions: jump", "jump", "feedback: ouch\nactions: jump")
     buf.add([far])
     near = [step(S0, "move north", f"feedback: dream {i}\nactions: move north", source="dream", traj=f"d{i}")
@@ -153,7 +142,7 @@ def test_retrieval_keeps_a_slot_for_the_nearest_real_transition():
     got = buf.retrieve([S0], ["move north"], k=3)[0]
     assert got[:2] == near[:2] and got[2] is far, "the nearest dreamed ones, then the nearest real one"
     assert buf.retrieve([S0], ["move north"], k=3, exclude_traj=[far.traj])[0] == near[:3]
-    only_dreams = dg.ReplayBuffer(BagEncoder())
+    only_dreams = dg.ReplayBuffer(WordEncoder())
     only_dreams.add(near)
     assert only_dreams.retrieve([S0], ["move north"], k=3)[0] == near[:3]
 
@@ -161,7 +150,7 @@ def test_retrieval_keeps_a_slot_for_the_nearest_real_transition():
 def test_retrieval_skips_repeated_real_transitions_and_dedup_ignores_real_data():
     """Offline data holds the same step many times (every episode of a task starts alike): all are
     stored, but the demos show each (query, outcome) once."""
-    buf = dg.ReplayBuffer(BagEncoder())
+    buf = dg.ReplayBuffer(WordEncoder())
     same = [step(S0, "move north", "feedback: You go north.\nactions: move south", traj=f"r{i}") for i in range(5)]
     other = step(S0, "look around", "feedback: A kitchen.\nactions: move north", traj="r9")
     buf.add(same + [other])

@@ -15,23 +15,11 @@ import torch
 import dreamgym as dg
 import runtime
 import train
-from conftest import assert_same_run, run_state, tiny_cfg
+from conftest import WordEncoder, assert_same_run, run_state, tiny_cfg
 from envs import Task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = Task("twc", "train", 0, instruction="tidy up")
-
-
-class HashEncoder:
-    """A deterministic stand-in for phi: each text's vector is fixed by its words."""
-    dim = 8
-
-    def __call__(self, texts):
-        out = np.zeros((len(texts), self.dim), np.float32)
-        for i, t in enumerate(texts):
-            for w in t.split():
-                out[i, sum(map(ord, w)) % self.dim] += 1
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
 
 def tr(i, source="real"):
@@ -53,7 +41,7 @@ def _killed_after_first_rename(monkeypatch):
 
 @pytest.mark.parametrize("change", ["append", "rewrite"])
 def test_buffer_killed_between_its_two_renames_never_pairs_rows_with_wrong_embeddings(tmp_path, monkeypatch, change):
-    enc, path = HashEncoder(), str(tmp_path / "buf")
+    enc, path = WordEncoder(), str(tmp_path / "buf")
     buf = dg.ReplayBuffer(enc)
     buf.add([tr(i) for i in range(6)] + [tr(10 + i, "dream") for i in range(4)])
     buf.save(path)
@@ -161,7 +149,7 @@ def test_resume_refuses_progress_it_cannot_continue(tmp_path):
     with open(os.path.join(cfg.out, "buffer.jsonl"), "w") as f:
         f.write(json.dumps(tr(0).to_dict()) + "\n" + json.dumps(tr(1, "dream").to_dict()) + "\n")
     assert train.resume_point(cfg) is None
-    buf = dg.ReplayBuffer.load(os.path.join(cfg.out, "buffer"), HashEncoder())
+    buf = dg.ReplayBuffer.load(os.path.join(cfg.out, "buffer"), WordEncoder())
     log = runtime.Log(os.path.join(cfg.out, "metrics.jsonl"))
     train.restart_rl(buf, log)
     assert [t.source for t in buf.items] == ["real"] and log.rows() == []

@@ -10,6 +10,7 @@ import torch
 
 import dreamgym as dg
 import train
+from conftest import WordEncoder
 from engine import SamplingParams
 import envs
 from envs import Task
@@ -242,7 +243,6 @@ START = Task("coin", "train", 1, init_state="feedback: start\nroom: kitchen\nact
 
 
 def test_a_failed_simulation_is_marked_and_never_becomes_a_demo():
-    from test_buffer import BagEncoder
     env = dg.DreamEnv(dg.ExperienceModel(Garbage(), None, k=0), max_steps=3)
     env.reset([START])
     res = env.step({0: "move east"})[0]
@@ -251,7 +251,7 @@ def test_a_failed_simulation_is_marked_and_never_becomes_a_demo():
     assert dg.Transition.from_dict(tr.to_dict()).model_failed
     old = {k: v for k, v in tr.to_dict().items() if k != "model_failed"}     # a buffer file written before
     assert dg.Transition.from_dict(old).model_failed is False
-    buf = dg.ReplayBuffer(BagEncoder())
+    buf = dg.ReplayBuffer(WordEncoder())
     buf.add([tr])
     assert len(buf) == 0, "a failure M_exp did not simulate is no demonstration"
 
