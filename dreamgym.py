@@ -50,6 +50,12 @@ EXP_STOP = "</done>"
 TASK_STOP = "</state>"
 
 
+def agent_sampling(temperature: float) -> SamplingParams:
+    """How the agent writes one turn, wherever it plays (RL rollouts, evaluation, the warm start's
+    held-out check): at most 64 new tokens, stopped after its action."""
+    return SamplingParams(temperature=temperature, max_new_tokens=64, stop=(AGENT_STOP,))
+
+
 def history_text(history: list[tuple[str, str]], h: int) -> str:
     """The last h (action, feedback) pairs. Older turns are dropped: the abstract state already
     carries everything the task needs, so the prompt stays short however long the episode is."""
@@ -1223,7 +1229,7 @@ def evaluate_agent(agent: LocalLM, env: str, fold: str = "test", episodes: int =
     success of the policy RL actually trains, which a greedy argmax can hide (see README)."""
     if temperature == 0 and samples != 1:
         raise ValueError("greedy evaluation is deterministic: use samples=1")
-    params = SamplingParams(temperature=temperature, max_new_tokens=64, stop=(AGENT_STOP,))
+    params = agent_sampling(temperature)
     gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
     eps = []
     tasks = [t for t in eval_tasks(env, fold, episodes) for _ in range(samples)]

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import dreamgym as dg
 import envs
-from engine import TRAIN_DTYPES, SamplingParams, train_autocast, train_dtype
+from engine import TRAIN_DTYPES, train_autocast, train_dtype
 from envs import Task
 from envs.collect import COLLECT_VERSION, POLICIES, collect, print_summary, read_jsonl, write_jsonl
 from models import AdapterReference, ModelSpec, create_tiny, load_model, model_name_problem, save_model, train_tokenizer
@@ -523,17 +523,13 @@ def traj_policy(traj: list[dg.Transition]) -> str:
     return traj[0].traj.rsplit("/", 1)[-1].split("#")[0]
 
 
-def action_agreement(lm: dg.LocalLM, prompts: list[str], actions: list[str], max_batch: int = 64) -> float:
+def action_agreement(lm: dg.LocalLM, prompts: list[str], actions: list[str]) -> float:
     """Share of `prompts` (agent prompts of held-out demonstrations) on which the greedy agent writes
     the demonstrator's action: what behaviour cloning is for, whatever its <think> targets are."""
-    params = SamplingParams(temperature=0.0, max_new_tokens=64, stop=(dg.AGENT_STOP,))
     lm.model.eval()
-    hits = 0
-    for i in range(0, len(prompts), max_batch):
-        gens = lm.generate(dg.AGENT_SYSTEM, prompts[i:i + max_batch], params)
-        hits += sum(dg.parse_agent(g.text)[1] == a for g, a in zip(gens, actions[i:i + max_batch]))
+    gens = lm.generate(dg.AGENT_SYSTEM, prompts, dg.agent_sampling(0.0))     # the engine batches them
     lm.model.train()
-    return hits / max(1, len(prompts))
+    return sum(dg.parse_agent(g.text)[1] == a for g, a in zip(gens, actions)) / max(1, len(prompts))
 
 
 def warm_start(cfg: Config, trajs, tasks, dev, log) -> tuple[dg.LocalLM, int]:
@@ -565,7 +561,8 @@ def warm_start(cfg: Config, trajs, tasks, dev, log) -> tuple[dg.LocalLM, int]:
     examples = lambda trs: [(dg.AGENT_SYSTEM, prompt(t), dg.agent_target(agent_thought(cfg.agent_thoughts, t), t.action))
                             for tr in trs for t in tr]
     held_steps = [t for tr in held for t in tr]
-    agree = lambda m: (action_agreement(m, [prompt(t) for t in held_steps], [t.action for t in held_steps]),)
+    held_prompts, held_actions = [prompt(t) for t in held_steps], [t.action for t in held_steps]
+    agree = lambda m: (action_agreement(m, held_prompts, held_actions),)
     sft(lm, examples(train_share), cfg.warm_epochs, cfg.warm_lr, cfg.warm_batch_tokens, cfg.seed, "warm start agent",
         log, cfg.bpe_dropout if cfg.agent_model.startswith("tiny") else 0.0, heldout=examples(held) or None,
         patience=cfg.warm_patience, train_dtype=cfg.train_dtype, score=agree)
@@ -829,7 +826,7 @@ def rl(cfg: Config, agent, exp_model, buffer, real_tasks, dev, log, ref=None, ev
         print(f"resumed from {ck} at iteration {st.iteration}")
     else:
         restart_rl(buffer, log)
-    sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=64, stop=(dg.AGENT_STOP,))
+    sampling = dg.agent_sampling(cfg.temperature)
     max_steps = envs.max_steps(cfg.env)
     if cfg.select_agent and eval_fn is not None and st.selected_iteration < 0:      # the warm start: iteration 0
         warm = eval_fn(agent) if DIST.main else None
