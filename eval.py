@@ -42,7 +42,7 @@ METHODS = [
 
 def collapsed(final: dict) -> bool:
     """A greedy agent that lost the output format (>= 25% malformed turns) or stopped choosing
-    listed actions (>= 75% invalid; the warm start makes 29-39%). The table applies it to each run's
+    listed actions (>= 75% invalid; the default game's warm start makes under 1%). The table applies it to each run's
     last agent, which select_agent may not report: it says how stable the RL was, not what was reported."""
     return final["format_error"] >= 0.25 or final["invalid"] >= 0.75
 
@@ -125,14 +125,15 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
     for seed in seeds:
         base_dir = os.path.join(out, f"seed{seed}")
         first = os.path.join(base_dir, METHODS[0][0].replace(" ", "_"))
+        given = {k: overrides[k].replace("{seed}", str(seed)) for k in ("exp_ckpt", "warm_ckpt") if overrides.get(k)}
         for name, over, own_exp_model in chosen:
             run_dir = os.path.join(base_dir, name.replace(" ", "_").replace(":", ""))
-            cfg = train.Config(**{**overrides, **over, "seed": seed, "out": run_dir})
+            cfg = train.Config(**{**overrides, **given, **over, "seed": seed, "out": run_dir})
             if run_dir != first:                  # reuse the seed's first M_exp / warm start unless given
-                cfg.warm_ckpt = overrides.get("warm_ckpt") or os.path.join(first, "agent_warm")
+                cfg.warm_ckpt = given.get("warm_ckpt") or os.path.join(first, "agent_warm")
                 # the retrieval / reasoning ablations always train their own M_exp, even when the
                 # others share a given one: their M_exp is trained differently
-                cfg.exp_ckpt = "" if own_exp_model else (overrides.get("exp_ckpt") or os.path.join(first, "exp_model"))
+                cfg.exp_ckpt = "" if own_exp_model else (given.get("exp_ckpt") or os.path.join(first, "exp_model"))
             cfg.validate()
             if over["mode"] == "s2r":
                 reuse_dream_phase(cfg, base_dir, over["algo"])
@@ -213,7 +214,9 @@ def main(argv=None):
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     t.add_argument("--methods", nargs="*", default=None, help="a subset of the method names")
     t.add_argument("--config", default="", help="a JSON file of Config fields for every run (configs/*.json)")
-    t.add_argument("--set", nargs="*", default=[], help="Config overrides for every run, e.g. iterations=20")
+    t.add_argument("--set", nargs="*", default=[], help="Config overrides for every run, e.g. iterations=20; "
+                   "in exp_ckpt / warm_ckpt, {seed} stands for the run's seed (reuse another table's "
+                   "per-seed warm starts: warm_ckpt=runs/table/seed{seed}/DreamGym-GRPO/agent_warm)")
     t.add_argument("--no_fidelity", action="store_true", help="skip the M_exp fidelity of each trained M_exp")
     t.add_argument("--sampled", action="store_true", help=f"also success at temperature 1 ({SAMPLES} plays per task)")
     args = p.parse_args(argv)

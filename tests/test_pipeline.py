@@ -284,6 +284,23 @@ def test_table_s2r_continues_the_dream_run_exactly(tiny_run, tmp_path):
     assert spent[-1] < 6 + alone.tasks_per_iter * alone.group_size * 3, "at most one iteration's worth over"
 
 
+def test_table_reuses_each_seeds_own_checkpoints(monkeypatch, tmp_path):
+    """`{seed}` in a given exp_ckpt / warm_ckpt names each seed's own checkpoint (the paired protocol
+    reuses another table's per-seed warm starts), for the first method and the ones that share it."""
+    import eval as ev
+    seen = []
+    play = dict(success=0.5, invalid=0.0, steps=3.0, format_error=0.0, per_task=[1.0, 0.0])
+
+    def fake_run(cfg):
+        seen.append((cfg.seed, cfg.warm_ckpt, cfg.exp_ckpt))
+        return dict(warm=play, final=play, warm_transitions=10, rl_real_transitions=0)
+    monkeypatch.setattr(train, "run", fake_run)
+    over = dict(warm_ckpt="w/seed{seed}/agent_warm", exp_ckpt="m/exp_model")
+    ev.table_suite(str(tmp_path), [0, 3], over, ["DreamGym-GRPO", "DreamGym-PPO"], with_fidelity=False)
+    assert seen == [(0, "w/seed0/agent_warm", "m/exp_model"), (0, "w/seed0/agent_warm", "m/exp_model"),
+                    (3, "w/seed3/agent_warm", "m/exp_model"), (3, "w/seed3/agent_warm", "m/exp_model")]
+
+
 def test_fidelity_retrieves_from_the_offline_real_data_only(tiny_run, monkeypatch):
     _, cfg, res = tiny_run
     seen = {}
