@@ -1165,7 +1165,8 @@ def response_logprobs(model, batch: dict, temperature: float = 1.0, with_values=
     (flat indices of positions that predict a response token), targets; optionally value_pos.
     Returns (logp, entropy, values or None)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 use_cache=False).last_hidden_state
     flat = hidden.reshape(-1, hidden.shape[-1])
     h = flat[batch["target_pos"]]
     w = base.get_output_embeddings().weight

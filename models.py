@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -334,17 +335,22 @@ def load_model(path_or_name: str, spec: ModelSpec | None = None, device=None, tr
         model.to(device)
     if base != name:                   # adapters saved on it name the model, not this machine's cache
         model.name_or_path = name
-    if adapter:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, path_or_name, is_trainable=trainable)
-    elif spec.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
-        model = get_peft_model(model, LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha,
-                                                 lora_dropout=spec.lora_dropout,
-                                                 target_modules=spec.lora_targets, task_type="CAUSAL_LM"))
+    with warnings.catch_warnings():    # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        if adapter:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, path_or_name, is_trainable=trainable)
+        elif spec.lora_r > 0:
+            from peft import LoraConfig, get_peft_model
+            model = get_peft_model(model, LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha,
+                                                     lora_dropout=spec.lora_dropout,
+                                                     target_modules=spec.lora_targets, task_type="CAUSAL_LM"))
     if trainable and spec.grad_ckpt:
         # non-reentrant checkpointing works with frozen 4-bit bases + LoRA without input-grad hooks
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):       # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train(trainable)
     for p in model.parameters():
         if not trainable:

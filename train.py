@@ -610,7 +610,8 @@ def turn_values(agent: dg.LocalLM, head: ValueHead, episodes, cfg: Config) -> li
         for mb in dg.token_batches(turns, [len(t.prompt_ids) for _, t in turns], cfg.max_tokens):
             batch = dg.pack([(turns[i][1].prompt_ids, []) for i in mb], agent.tokenizer.pad_token_id, dev)
             base = agent.model.get_base_model() if hasattr(agent.model, "get_base_model") else agent.model
-            hid = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            hid = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 use_cache=False).last_hidden_state
             v = head(hid.reshape(-1, hid.shape[-1])[batch["value_pos"]].float()).squeeze(-1)
             for i, x in zip(mb, v.tolist()):
                 vals[i] = x
