@@ -1007,16 +1007,26 @@ def mix_tasks(real: list[Task], generated: list[Task], n: int, taskgen_share: fl
 
 
 # ============================================================================ 8. dream env + rollouts
+DREAM_VALIDITY = ("listed", "model")
+
+
 class DreamEnv:
     """The experience model behind the batched environment protocol (reset(tasks) / step(actions)):
-    the agent cannot tell it from a real BatchEnv. States come from the model; validity is the real
-    environment's own rule (envs.is_admissible: the `actions:` line of the current dreamed state,
-    plus what the task's environment accepts unlisted, such as WebShop's free searches), and an
-    invalid action fails the episode with reward 0 without asking the model, exactly as in the real
-    environment. Success is the real environments' threshold too (envs.is_success)."""
+    the agent cannot tell it from a real BatchEnv. States come from the model; success is the real
+    environments' threshold (envs.is_success). Who decides that an action is invalid (`validity`):
+      "listed": the real environment's own rule applied to the dreamed state (envs.is_admissible:
+                its `actions:` line, plus what the task's environment accepts unlisted, such as
+                WebShop's free searches); an unlisted action fails the episode, reward 0, without
+                asking the model. Exact when the dreamed state is coherent, but a dreamed `actions:`
+                line that contradicts the rest of the state turns the right move into a failure.
+      "model":  M_exp decides, as the paper's M_exp does: every parseable action is simulated, and
+                an answer whose feedback line is the real environments' `Invalid action: ...` counts
+                as invalid (it learned that from the offline invalid transitions)."""
 
-    def __init__(self, exp_model: ExperienceModel, max_steps: int, iteration: int = -1):
-        self.exp_model, self.max_steps, self.iteration = exp_model, max_steps, iteration
+    def __init__(self, exp_model: ExperienceModel, max_steps: int, iteration: int = -1, validity: str = "listed"):
+        if validity not in DREAM_VALIDITY:
+            raise ValueError(f"validity must be one of {DREAM_VALIDITY}, got {validity!r}")
+        self.exp_model, self.max_steps, self.iteration, self.validity = exp_model, max_steps, iteration, validity
         self.stats = defaultdict(int)
 
     def reset(self, tasks: list[Task]) -> list[tuple[str, dict]]:
@@ -1038,7 +1048,7 @@ class DreamEnv:
             if self.done[i]:
                 raise ValueError(f"episode {i} is already done")
             self.steps[i] += 1
-            listed = parse_state_actions(self.states[i])
+            listed = parse_state_actions(self.states[i]) if self.validity == "listed" else None
             if a is None or (listed is not None and not envs.is_admissible(self.tasks[i].env, listed, a)):
                 self.stats["invalid"] += 1
                 nxt = replace_feedback(self.states[i], f"Invalid action: {a if a else '(unparseable)'}.")
@@ -1047,9 +1057,13 @@ class DreamEnv:
                 queries.append(ExpQuery(self.tasks[i], list(self.history[i]), self.states[i], a))
                 valid.append(i)
         for i, q, res in zip(valid, queries, self.exp_model.step(queries)):
-            done = res.done or self.steps[i] >= self.max_steps
-            out[i] = self._advance(i, q.action, res.next_state, res.reward if res.done else 0.0, done,
-                                   res.reasoning, model_failed=not res.ok, truncated=not res.done and done)
+            invalid = res.ok and said_invalid(res.next_state)      # fails the episode, as a real one does
+            self.stats["invalid"] += invalid
+            ended = res.done or invalid
+            done = ended or self.steps[i] >= self.max_steps
+            out[i] = self._advance(i, q.action, res.next_state, res.reward if res.done and not invalid else 0.0,
+                                   done, res.reasoning, invalid=invalid, model_failed=not res.ok,
+                                   truncated=not ended and done)
         return out
 
     def _advance(self, i, action, next_state, reward, done, reasoning, invalid=False, model_failed=False,
@@ -1063,6 +1077,12 @@ class DreamEnv:
         self.states[i], self.done[i] = next_state, done
         self.stats["model_failed"] += model_failed
         return StepResult(next_state, reward, done, self._info(i, success, invalid, tr))
+
+
+def said_invalid(state: str) -> bool:
+    """The state's feedback line is the real environments' answer to an invalid action."""
+    first = state.lstrip().split("\n", 1)[0]
+    return first.startswith("feedback: Invalid action")
 
 
 def run_episodes(agent: LocalLM, env, tasks: list[Task], params, history: int = 3, groups: list[int] | None = None,

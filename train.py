@@ -83,6 +83,7 @@ class Config:
     exp_lr: float = 2e-3              # its learning rate (cosine decay, 5% warmup)
     exp_batch_tokens: int = 8192      # padded tokens per SFT batch of the experience model
     exp_temperature: float = 0.0      # experience-model sampling temperature (0: greedy)
+    dream_validity: str = "listed"    # who rules an action invalid in the dream: listed (the dreamed actions line) or model (M_exp)
     exp_max_tokens: int = 320         # generation budget of one experience-model step
     buffer_capacity: int = 50_000     # replay buffer size; the oldest synthetic transitions are evicted first
     # --- agent warm start (behaviour cloning on a share of offline successes)
@@ -162,6 +163,7 @@ class Config:
             (0 <= self.bpe_dropout < 1, "bpe_dropout must be in [0, 1)"),
             (self.train_dtype in TRAIN_DTYPES, f"train_dtype must be one of {TRAIN_DTYPES}"),
             (self.agent_thoughts in ("trace", "plan", "none"), "agent_thoughts must be trace, plan or none"),
+            (self.dream_validity in dg.DREAM_VALIDITY, f"dream_validity must be one of {', '.join(dg.DREAM_VALIDITY)}"),
             (0 <= self.warm_holdout < 1 and self.warm_patience >= 1, "warm_holdout in [0, 1), warm_patience >= 1"),
             (bool(self.warm_policies) and set(self.warm_policies.split(",")) <= set(POLICIES),
              f"warm_policies: a comma list of {', '.join(POLICIES)}"),
@@ -842,7 +844,7 @@ def rl(cfg: Config, agent, exp_model, buffer, real_tasks, dev, log, ref=None, ev
         n_generated = sum(t.synthetic for t in batch) // max(1, cfg.group_size)
         mine = [i for i, g in enumerate(groups) if g % DIST.world == DIST.rank]     # this rank's groups
         batch, groups = [batch[i] for i in mine], [groups[i] for i in mine]
-        env = dg.DreamEnv(exp_model, max_steps, st.iteration) if phase == "dream" else dg.make_real_env(cfg.env, len(batch))
+        env = dg.DreamEnv(exp_model, max_steps, st.iteration, cfg.dream_validity) if phase == "dream" else dg.make_real_env(cfg.env, len(batch))
         episodes = dg.run_episodes(agent, env, batch, sampling, cfg.history, groups, generator=gen)
         upd = update_policy(agent, opt, episodes, cfg, head, ref)
         # keep every rank's buffer and curriculum identical: gather, then apply in rank order

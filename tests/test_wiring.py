@@ -111,6 +111,22 @@ def test_a_dreamed_invalid_action_ends_the_episode_without_asking_the_model():
     assert lm.users == [] and res.state.startswith("feedback: Invalid action: fly away.")
 
 
+def test_with_model_validity_m_exp_rules_on_every_action():
+    """validity="model": an action the dreamed actions line omits is still simulated; M_exp's
+    `Invalid action` answer ends the episode as a failure (reward 0, even if it said a reward)."""
+    said_invalid = lambda u: ("<think>r</think><state>feedback: Invalid action: fly away.\nroom: kitchen\n"
+                              "actions: move east</state><reward>1</reward><done>no</done>")
+    for lm, invalid in [(LM(answer(room="hall")), False), (LM(said_invalid), True)]:
+        env = dg.DreamEnv(dg.ExperienceModel(lm, None, k=0), max_steps=5, validity="model")
+        env.reset([Task("coin", "train", 1, init_state=state("kitchen", actions="move west"))])
+        res = env.step({0: "move east"})[0]
+        assert len(lm.users) == 1, "the model was asked"
+        assert res.info["invalid"] == invalid and res.done == invalid and res.reward == 0.0
+        assert res.info["transition"].terminal == invalid and not res.info["transition"].truncated
+    with pytest.raises(ValueError, match="validity"):
+        dg.DreamEnv(dg.ExperienceModel(LM(answer()), None, k=0), max_steps=5, validity="maybe")
+
+
 @pytest.mark.parametrize("done", ["yes", "no"])
 def test_a_dreamed_reward_ends_the_episode(done):
     env = dg.DreamEnv(dg.ExperienceModel(LM(answer(reward=1, done=done)), None, k=0), max_steps=5)
