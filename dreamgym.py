@@ -1267,6 +1267,29 @@ def evaluate_agent(agent: LocalLM, env: str, fold: str = "test", episodes: int =
                 per_task=[round(float(x), 4) for x in per_task])
 
 
+def episode_outcomes(eps: list[Episode]) -> dict:
+    """How episodes ended: success, an invalid action, the step budget, a failed simulation."""
+    n = max(1, len(eps))
+    last = [e.transitions[-1] for e in eps if e.transitions]
+    return dict(success=sum(e.success for e in eps) / n, invalid_end=sum(t.invalid for t in last) / n,
+                truncated=sum(t.truncated for t in last) / n, model_failed=sum(e.exp_failed for e in eps) / n,
+                steps=sum(len(e.turns) for e in eps) / n)
+
+
+def dream_gap(agent: LocalLM, exp_model: ExperienceModel, tasks: list[Task], max_steps: int, history: int = 3,
+              validity: str = "listed", seed: int = 0) -> dict:
+    """The same agent (greedy) on the same tasks in the real environment and in the dream: how each
+    ended, and the share of tasks whose dreamed outcome (success or not) equals the real one. A
+    one-step fidelity can be high while whole dreamed episodes drift (a greedy M_exp never reveals a
+    hidden object: every dreamed room is empty, and the agent is punished for the right moves)."""
+    params = agent_sampling(0.0)
+    real = run_episodes(agent, make_real_env(tasks[0].env, len(tasks)), tasks, params, history)
+    torch.manual_seed(seed)                  # a sampling M_exp draws from torch's global generator
+    dream = run_episodes(agent, DreamEnv(exp_model, max_steps, validity=validity), tasks, params, history)
+    return dict(real=episode_outcomes(real), dream=episode_outcomes(dream), n=len(tasks),
+                agreement=sum(a.success == b.success for a, b in zip(real, dream)) / max(1, len(tasks)))
+
+
 def token_f1(pred: str, gold: str) -> float:
     p, g = re.findall(r"\w+", pred.lower()), re.findall(r"\w+", gold.lower())
     if not p or not g:

@@ -2,6 +2,7 @@
 
     python eval.py agent --ckpt runs/default/agent_selected --fold test --episodes 200   # or <run>/ckpt/<version>/agent
     python eval.py fidelity --run runs/default --fold test      # reward/done/state accuracy of M_exp
+    python eval.py gap --run runs/default --agent agent_warm    # the same agent, real env vs the dream
 
 Agents are evaluated greedily (temperature 0) on the first `episodes` seeds of a held-out fold,
 batched, so the same checkpoint always gets the same number; `--temperature 1 --samples 4` measures
@@ -209,6 +210,12 @@ def main(argv=None):
     f.add_argument("--run", required=True, help="a run folder (its exp_model, buffer and config.json)")
     f.add_argument("--fold", default="test", choices=["dev", "test"])
     f.add_argument("--trajectories", type=int, default=150)
+    g = sub.add_parser("gap", help="one agent in the real env and in a run's dream, same train tasks: how "
+                       "episodes end and how often the dreamed outcome is the real one")
+    g.add_argument("--run", required=True, help="a run folder (its exp_model, buffer and config.json)")
+    g.add_argument("--agent", default="agent_warm", help="an agent folder inside the run, or a path")
+    g.add_argument("--tasks", type=int, default=64)
+    g.add_argument("--set", nargs="*", default=[], help="Config overrides, e.g. exp_temperature=1.0")
     t = sub.add_parser("table", help="the paper's Table 1 + ablations on the built-in env, several seeds")
     t.add_argument("--out", default="runs/table")
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -237,6 +244,14 @@ def main(argv=None):
         agent = train.load_lm(train.Config(), args.ckpt, dev, trainable=False)
         print(json.dumps(evaluate_agent(agent, args.env, args.fold, args.episodes, args.history,
                                         temperature=args.temperature, samples=args.samples), indent=1))
+    elif args.cmd == "gap":
+        cfg = train.Config(**json.load(open(os.path.join(args.run, "config.json"))))
+        for kv in args.set:
+            k, _, v = kv.partition("=")
+            setattr(cfg, k, train.parse_args([f"--{k}", v]).__dict__[k])
+        cfg.exp_ckpt = cfg.exp_ckpt or os.path.join(args.run, "exp_model")
+        agent = args.agent if os.path.isdir(args.agent) else os.path.join(args.run, args.agent)
+        print(json.dumps(train.dream_gap_table(cfg.validate(), agent, args.tasks), indent=1))
     else:
         cfg = train.Config(**json.load(open(os.path.join(args.run, "config.json"))))
         print(json.dumps(train.fidelity_table(cfg, args.fold, args.trajectories), indent=1))

@@ -970,14 +970,34 @@ def fidelity_table(cfg: Config, fold: str, n_traj: int = 150) -> dict:
     dev = device_of(cfg.device)
     encoder = dg.Encoder()
     trajs = annotated_trajectories(cfg)
+    exp_model = experience_model(cfg, trajs, seed_tasks(trajs), offline_buffer(cfg, trajs, encoder), encoder, dev, None)
+    return dg.fidelity(exp_model, dg.heldout_transitions(cfg.env, fold, n_traj))
+
+
+def offline_buffer(cfg: Config, trajs, encoder) -> dg.ReplayBuffer | None:
+    """The run's buffer restricted to the offline real data, in memory only (the run's files stay):
+    a finished run's buffer also holds its dreamed transitions."""
     buffer = build_buffer(cfg, trajs, encoder) if cfg.retrieval else None
     if buffer is not None and any(t.source != "real" for t in buffer.items):
         keep = [i for i, t in enumerate(buffer.items) if t.source == "real"]
-        real = dg.ReplayBuffer(encoder, cfg.buffer_capacity)          # in memory only: the run's files stay
+        real = dg.ReplayBuffer(encoder, cfg.buffer_capacity)
         real.add([buffer.items[i] for i in keep], buffer.emb[keep])
         buffer = real
-    exp_model = experience_model(cfg, trajs, seed_tasks(trajs), buffer, encoder, dev, None)
-    return dg.fidelity(exp_model, dg.heldout_transitions(cfg.env, fold, n_traj))
+    return buffer
+
+
+def dream_gap_table(cfg: Config, agent_path: str, n_tasks: int = 64) -> dict:
+    """dg.dream_gap of an agent checkpoint on `n_tasks` train tasks (drawn with the run's seed) under
+    the run's M_exp, retrieving from the offline real data only (as fidelity_table)."""
+    dev = device_of(cfg.device)
+    encoder = dg.Encoder()
+    trajs = annotated_trajectories(cfg)
+    tasks = seed_tasks(trajs)
+    exp_model = experience_model(cfg, trajs, tasks, offline_buffer(cfg, trajs, encoder), encoder, dev, None)
+    agent = load_lm(cfg, agent_path, dev, trainable=False)
+    rng = random.Random(cfg.seed)
+    return dg.dream_gap(agent, exp_model, [rng.choice(tasks) for _ in range(n_tasks)], envs.max_steps(cfg.env),
+                        cfg.history, cfg.dream_validity, cfg.seed)
 
 
 def annotated_trajectories(cfg: Config):

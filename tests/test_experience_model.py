@@ -266,3 +266,29 @@ def test_episodes_ended_by_a_failed_simulation_are_masked_out_of_grpo():
     adv = dg.episode_advantages(kept, scale="none").tolist()
     assert adv == pytest.approx([0.5, -0.5]), "group statistics over the remaining episodes"
     assert dg.episode_advantages([]).numel() == 0 and dg.turn_gae([], [], 1.0, 0.95) == ([], [])
+
+
+class Says:
+    """An M_exp that always writes the same well-formed answer."""
+    def __init__(self, feedback, reward, done):
+        self.text = dg.exp_target("r", f"feedback: {feedback}\nroom: hall\nactions: move east", reward, done)
+
+    def generate(self, system, users, params, generator=None):
+        from engine import Generation
+        return [Generation(self.text, [], [], "stop") for _ in users]
+
+
+def test_dream_gap_counts_how_the_dream_and_the_real_env_end(monkeypatch):
+    """eval.py gap: the real env (here a scripted one that pays 1 at once) against dreams that end
+    by an invalid ruling, by the step budget, or like the real one."""
+    real = dg.ExperienceModel(Says("You find the coin.", 1.0, True), None, k=0)
+    monkeypatch.setattr(dg, "make_real_env", lambda env, n: dg.DreamEnv(real, 3))
+    cases = [(Says("Invalid action: move east.", 0.0, True), "invalid_end", 0.0),
+             (Says("You are in the hall.", 0.0, False), "truncated", 0.0),
+             (Says("You find the coin.", 1.0, True), "success", 1.0)]
+    for says, ending, agreement in cases:
+        gap = dg.dream_gap(StubAgent("move east"), dg.ExperienceModel(says, None, k=0), [START] * 4, 3,
+                           validity="model")
+        assert gap["real"]["success"] == 1.0 and gap["n"] == 4
+        assert gap["dream"][ending] == 1.0 and gap["agreement"] == agreement, (ending, gap)
+        assert gap["dream"]["steps"] == (3 if ending == "truncated" else 1)

@@ -332,3 +332,17 @@ def test_sigterm_runs_exit_handlers(tmp_path):
             "os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)
     assert proc.returncode == 128 + 15 and flag.read_text() == "yes"
+
+
+def test_eval_gap_plays_one_agent_in_both_worlds(tiny_run, capsys):
+    import eval as ev
+    _, cfg, _ = tiny_run
+    ev.main(["gap", "--run", cfg.out, "--tasks", "3", "--set", "exp_temperature=1.0"])
+    out = capsys.readouterr().out
+    gap = json.loads(out[out.index("{"):])
+    assert gap["n"] == 3 and 0 <= gap["agreement"] <= 1
+    for world in ("real", "dream"):
+        ends = gap[world]
+        assert ends["success"] + ends["invalid_end"] + ends["truncated"] <= 1 + 1e-9, world
+        assert ends["steps"] >= 1
+    assert gap["real"]["model_failed"] == 0
