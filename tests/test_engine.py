@@ -68,7 +68,8 @@ def lm(tiny):
 def test_models_live_on_the_test_device(lm):
     """bench/gpu.sh runs this file with DREAMGYM_TEST_DEVICE=cuda: the engine's CUDA path, tested."""
     assert next(lm[0].parameters()).device == DEVICE
-    gpu_sh = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu.sh")).read()
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu.sh")) as f:
+        gpu_sh = f.read()
     assert "DREAMGYM_TEST_DEVICE=cuda" in gpu_sh
 
 

