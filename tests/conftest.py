@@ -50,15 +50,17 @@ def tiny_cfg(root, name, **kw):
 
 
 def rewarded(run_episodes):
-    """run_episodes whose turns are rewarded by their own sampled tokens. The toy agent never
-    finishes a task, so every reward would be 0 and every RL update a no-op; tests that must see the
-    policy and the critic move play through this. Deterministic in the tokens, so a resumed run gets
-    exactly the rewards an uninterrupted one got."""
+    """run_episodes whose turns are rewarded by their place in the batch: episode i's turn j pays 1
+    when i + j is even. The toy agent never finishes a task, so every reward would be 0 and every RL
+    update a no-op; tests that must see the policy and the critic move play through this. Every group
+    of two or more episodes gets rewards that differ (a reward drawn from the sampled tokens left a
+    whole iteration at 0 now and then, depending on the machine's float rounding), and a resumed
+    run gets exactly the rewards an uninterrupted one got."""
     def play(*a, **k):
         eps = run_episodes(*a, **k)
-        for e in eps:
-            for t in e.turns:
-                t.reward = float(sum(t.response_ids) % 3 == 0)
+        for i, e in enumerate(eps):
+            for j, t in enumerate(e.turns):
+                t.reward = float((i + j) % 2 == 0)
             e.reward = sum(t.reward for t in e.turns)
             e.exp_failed = False          # the toy M_exp rarely simulates a step: count its failures as steps
         return eps
