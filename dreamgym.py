@@ -32,7 +32,7 @@ import torch
 
 import envs
 from engine import Engine, Generation, SamplingParams
-from envs.base import StepResult, Task, parse_state_actions, replace_feedback
+from envs.base import StepResult, Task, invalid_state, parse_state_actions, replace_feedback, said_invalid
 from envs.collect import COLLECT_VERSION, collect, read_jsonl, write_jsonl
 from kernels import gae, grpo_advantages, linear_logprobs
 
@@ -1051,7 +1051,7 @@ class DreamEnv:
             listed = parse_state_actions(self.states[i]) if self.validity == "listed" else None
             if a is None or (listed is not None and not envs.is_admissible(self.tasks[i].env, listed, a)):
                 self.stats["invalid"] += 1
-                nxt = replace_feedback(self.states[i], f"Invalid action: {a if a else '(unparseable)'}.")
+                nxt = invalid_state(self.states[i], a if a else "(unparseable)")
                 out[i] = self._advance(i, a or "", nxt, 0.0, True, "", invalid=True)
             else:
                 queries.append(ExpQuery(self.tasks[i], list(self.history[i]), self.states[i], a))
@@ -1077,12 +1077,6 @@ class DreamEnv:
         self.states[i], self.done[i] = next_state, done
         self.stats["model_failed"] += model_failed
         return StepResult(next_state, reward, done, self._info(i, success, invalid, tr))
-
-
-def said_invalid(state: str) -> bool:
-    """The state's feedback line is the real environments' answer to an invalid action."""
-    first = state.lstrip().split("\n", 1)[0]
-    return first.startswith("feedback: Invalid action")
 
 
 def run_episodes(agent: LocalLM, env, tasks: list[Task], params, history: int = 3, groups: list[int] | None = None,

@@ -194,6 +194,20 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
 
 
 # ----------------------------------------------------------------------------- command line
+def set_overrides(pairs: list[str]) -> dict:
+    """`--set k=v ...` as Config fields, each value parsed by train.py's own flag for it."""
+    out = {}
+    for kv in pairs:
+        k, _, v = kv.partition("=")
+        out[k] = train.parse_args([f"--{k}", v]).__dict__[k]
+    return out
+
+
+def run_config(run_dir: str, overrides: dict | None = None) -> train.Config:
+    with open(os.path.join(run_dir, "config.json")) as f:
+        return train.Config(**{**json.load(f), **(overrides or {})})
+
+
 def main(argv=None):
     exit_on_sigterm()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -233,9 +247,7 @@ def main(argv=None):
         except ValueError as e:
             p.error(str(e))
         over.pop("out", None)
-        for kv in args.set:
-            k, _, v = kv.partition("=")
-            over[k] = train.parse_args([f"--{k}", v]).__dict__[k]
+        over.update(set_overrides(args.set))
         print(table_suite(args.out, args.seeds, over, args.methods, args.sampled, not args.no_fidelity))
         return
     dev = device_of(train.Config.device)
@@ -245,16 +257,12 @@ def main(argv=None):
         print(json.dumps(evaluate_agent(agent, args.env, args.fold, args.episodes, args.history,
                                         temperature=args.temperature, samples=args.samples), indent=1))
     elif args.cmd == "gap":
-        cfg = train.Config(**json.load(open(os.path.join(args.run, "config.json"))))
-        for kv in args.set:
-            k, _, v = kv.partition("=")
-            setattr(cfg, k, train.parse_args([f"--{k}", v]).__dict__[k])
+        cfg = run_config(args.run, set_overrides(args.set))
         cfg.exp_ckpt = cfg.exp_ckpt or os.path.join(args.run, "exp_model")
         agent = args.agent if os.path.isdir(args.agent) else os.path.join(args.run, args.agent)
         print(json.dumps(train.dream_gap_table(cfg.validate(), agent, args.tasks), indent=1))
     else:
-        cfg = train.Config(**json.load(open(os.path.join(args.run, "config.json"))))
-        print(json.dumps(train.fidelity_table(cfg, args.fold, args.trajectories), indent=1))
+        print(json.dumps(train.fidelity_table(run_config(args.run), args.fold, args.trajectories), indent=1))
 
 
 if __name__ == "__main__":

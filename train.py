@@ -613,7 +613,7 @@ def turn_values(agent: dg.LocalLM, head: ValueHead, episodes, cfg: Config) -> li
             batch = dg.pack([(turns[i][1].prompt_ids, []) for i in mb], agent.tokenizer.pad_token_id, dev)
             base = agent.model.get_base_model() if hasattr(agent.model, "get_base_model") else agent.model
             hid = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 use_cache=False).last_hidden_state
+                                     use_cache=False).last_hidden_state
             v = head(hid.reshape(-1, hid.shape[-1])[batch["value_pos"]].float()).squeeze(-1)
             for i, x in zip(mb, v.tolist()):
                 vals[i] = x
@@ -964,40 +964,34 @@ def update_selection(cfg: Config, st: RLState, agent, success: float | None):
 
 # ============================================================================ evaluation, plots, main
 def fidelity_table(cfg: Config, fold: str, n_traj: int = 150) -> dict:
-    """M_exp fidelity on held-out real transitions (reward/done/state accuracy, parse failures),
-    retrieving from the offline real data only: a finished run's buffer also holds its dreamed
-    transitions, which would make the number depend on how long the run dreamed."""
-    dev = device_of(cfg.device)
-    encoder = dg.Encoder()
-    trajs = annotated_trajectories(cfg)
-    exp_model = experience_model(cfg, trajs, seed_tasks(trajs), offline_buffer(cfg, trajs, encoder), encoder, dev, None)
+    """M_exp fidelity on held-out real transitions (reward/done/state accuracy, parse failures)."""
+    exp_model, _ = offline_exp_model(cfg)
     return dg.fidelity(exp_model, dg.heldout_transitions(cfg.env, fold, n_traj))
 
 
-def offline_buffer(cfg: Config, trajs, encoder) -> dg.ReplayBuffer | None:
-    """The run's buffer restricted to the offline real data, in memory only (the run's files stay):
-    a finished run's buffer also holds its dreamed transitions."""
+def dream_gap_table(cfg: Config, agent_path: str, n_tasks: int = 64) -> dict:
+    """dg.dream_gap of an agent checkpoint on `n_tasks` train tasks (drawn with the run's seed)."""
+    exp_model, tasks = offline_exp_model(cfg)
+    agent = load_lm(cfg, agent_path, device_of(cfg.device), trainable=False)
+    rng = random.Random(cfg.seed)
+    return dg.dream_gap(agent, exp_model, [rng.choice(tasks) for _ in range(n_tasks)], envs.max_steps(cfg.env),
+                        cfg.history, cfg.dream_validity, cfg.seed)
+
+
+def offline_exp_model(cfg: Config) -> tuple[dg.ExperienceModel, list[Task]]:
+    """A run's M_exp and its seed tasks, retrieving from the offline real data only: a finished run's
+    buffer also holds its dreamed transitions, which would make a measurement depend on how long the
+    run dreamed (the restricted buffer is in memory only: the run's files stay)."""
+    encoder = dg.Encoder()
+    trajs = annotated_trajectories(cfg)
     buffer = build_buffer(cfg, trajs, encoder) if cfg.retrieval else None
     if buffer is not None and any(t.source != "real" for t in buffer.items):
         keep = [i for i, t in enumerate(buffer.items) if t.source == "real"]
         real = dg.ReplayBuffer(encoder, cfg.buffer_capacity)
         real.add([buffer.items[i] for i in keep], buffer.emb[keep])
         buffer = real
-    return buffer
-
-
-def dream_gap_table(cfg: Config, agent_path: str, n_tasks: int = 64) -> dict:
-    """dg.dream_gap of an agent checkpoint on `n_tasks` train tasks (drawn with the run's seed) under
-    the run's M_exp, retrieving from the offline real data only (as fidelity_table)."""
-    dev = device_of(cfg.device)
-    encoder = dg.Encoder()
-    trajs = annotated_trajectories(cfg)
     tasks = seed_tasks(trajs)
-    exp_model = experience_model(cfg, trajs, tasks, offline_buffer(cfg, trajs, encoder), encoder, dev, None)
-    agent = load_lm(cfg, agent_path, dev, trainable=False)
-    rng = random.Random(cfg.seed)
-    return dg.dream_gap(agent, exp_model, [rng.choice(tasks) for _ in range(n_tasks)], envs.max_steps(cfg.env),
-                        cfg.history, cfg.dream_validity, cfg.seed)
+    return experience_model(cfg, trajs, tasks, buffer, encoder, device_of(cfg.device), None), tasks
 
 
 def annotated_trajectories(cfg: Config):

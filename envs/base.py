@@ -104,6 +104,17 @@ def replace_feedback(state: str, feedback: str) -> str:
     return "\n".join(lines)
 
 
+def invalid_state(state: str, shown: str) -> str:
+    """The state after an invalid action: unchanged but for its feedback line."""
+    return replace_feedback(state, f"Invalid action: {shown}.")
+
+
+def said_invalid(state: str) -> bool:
+    """The state's feedback line is the answer to an invalid action (invalid_state's, or a model's
+    that learned it from offline data)."""
+    return state.lstrip().split("\n", 1)[0].startswith("feedback: Invalid action")
+
+
 class TextEnv(Protocol):
     def reset(self, task: Task) -> tuple[str, dict]: ...
     def step(self, action: str) -> tuple[str, float, bool, dict]: ...
@@ -158,7 +169,7 @@ class RealEnv:
         shown = action if action is not None else "(unparseable)"
         self.done = self.invalid_action == "fail" or self.steps >= self.max_steps
         truncated = self.done and self.invalid_action != "fail"      # "step" mode ran out of steps
-        self.state = replace_feedback(self.state, f"Invalid action: {shown}.")
+        self.state = invalid_state(self.state, shown)
         return self.state, 0.0, self.done, self._info(False, True, truncated)
 
     def _info(self, success: bool, invalid: bool, truncated: bool = False, **fields) -> dict:
