@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import inspect
 import threading
 import time
@@ -823,6 +824,23 @@ def _shapes(config):
     return config.hidden_size, config.intermediate_size, hq, hk, d
 
 
+def pinned_plan(dtype="auto", onednn="auto", attention="auto"):
+    """The "auto" requests replaced by $DREAMGYM_CPU_PLAN's parts ("<dtype>/<linears>/<attention>":
+    float32|bfloat16|auto / torch|oneDNN|auto / own|sdpa|auto); explicit requests win over it."""
+    spec = os.environ.get("DREAMGYM_CPU_PLAN", "").strip()
+    if not spec:
+        return dtype, onednn, attention
+    parts = spec.split("/")
+    choices = (("auto", "float32", "bfloat16"), ("auto", "torch", "onednn"), ("auto", "own", "sdpa"))
+    if len(parts) != 3 or any(p.lower() not in c for p, c in zip(parts, choices)):
+        raise ValueError(f"DREAMGYM_CPU_PLAN={spec!r}: write <dtype>/<linears>/<attention>, each auto or "
+                         f"one of float32|bfloat16, torch|oneDNN, own|sdpa (e.g. bfloat16/torch/sdpa)")
+    d, lin, att = (p.lower() for p in parts)
+    return (d if dtype == "auto" and d != "auto" else dtype,
+            (lin == "onednn") if onednn == "auto" and lin != "auto" else onednn,
+            att if attention == "auto" and att != "auto" else attention)
+
+
 def cpu_plan(config, batch: int, weight_dtype=torch.float32, dtype: str = "auto", onednn="auto",
              attention: str = "auto") -> CpuPlan:
     """Decide, by measuring on this CPU at the model's shapes, what the engine runs: the compute dtype
@@ -832,7 +850,11 @@ def cpu_plan(config, batch: int, weight_dtype=torch.float32, dtype: str = "auto"
     rows (a decode step) and 256 rows (a prefill chunk), and one query per row over a 256-column cache.
     Vendors differ (PyTorch's MKL GEMMs run AVX2 code on AMD; SDPA's CPU kernel is faster than the two
     bmm on some Intel CPUs and slower on AMD), hence measured, not looked up. Once per process and
-    shape (0.1-1 s); requests other than "auto" are obeyed without measuring them."""
+    shape (0.1-1 s); requests other than "auto" are obeyed without measuring them. Timings on a loaded
+    machine can choose differently than on a free one (and each choice rounds differently), so
+    $DREAMGYM_CPU_PLAN pins the "auto" requests for comparable runs: "<dtype>/<linears>/<attention>",
+    e.g. "bfloat16/torch/sdpa" (as `describe` names them; "auto" leaves a part measured)."""
+    dtype, onednn, attention = pinned_plan(dtype, onednn, attention)
     C, I, Hq, Hk, D = _shapes(config)
     key = (C, I, Hq, Hk, D, batch, weight_dtype, dtype, onednn, attention, torch.get_num_threads())
     if key in _PLANS:

@@ -129,7 +129,8 @@ def table_suite(out: str, seeds: list[int], overrides: dict, methods: list[str] 
         given = {k: overrides[k].replace("{seed}", str(seed)) for k in ("exp_ckpt", "warm_ckpt") if overrides.get(k)}
         for name, over, own_exp_model in chosen:
             run_dir = os.path.join(base_dir, name.replace(" ", "_").replace(":", ""))
-            cfg = train.Config(**{**overrides, **given, **over, "seed": seed, "out": run_dir})
+            # resume: the table's own folders; a run an interrupted suite left continues exactly
+            cfg = train.Config(**{**overrides, **given, **over, "seed": seed, "out": run_dir, "resume": True})
             if run_dir != first:                  # reuse the seed's first M_exp / warm start unless given
                 cfg.warm_ckpt = given.get("warm_ckpt") or os.path.join(first, "agent_warm")
                 # the retrieval / reasoning ablations always train their own M_exp, even when the

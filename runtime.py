@@ -168,7 +168,7 @@ def plot_curves(log: Log, path: str):
     fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
     it = [r["iteration"] for r in rows]
     for phase, style in (("dream", "-"), ("real", "--")):
-        pts = [(r["iteration"], r["reward"]) for r in rows if r["phase"] == phase]
+        pts = [(r["iteration"], r["reward"]) for r in rows if r["phase"] == phase and r["reward"] is not None]
         if pts:
             ax[0].plot(*zip(*pts), style, label=f"{phase} rollouts: mean reward")
     ax[0].set(title="training reward", xlabel="iteration")

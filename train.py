@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import dreamgym as dg
 import envs
-from engine import TRAIN_DTYPES, train_autocast, train_dtype
+from engine import TRAIN_DTYPES, pinned_plan, train_autocast, train_dtype
 from envs import Task
 from envs.collect import COLLECT_VERSION, POLICIES, collect, print_summary, read_jsonl, write_jsonl
 from models import AdapterReference, ModelSpec, create_tiny, load_model, model_name_problem, save_model, train_tokenizer
@@ -265,6 +265,7 @@ def preflight(cfg: Config):
             raise ValueError(f"--{flag} {path}: exists and is not a folder")
         if not _writable(path):
             raise ValueError(f"--{flag} {path}: not writable")
+    pinned_plan()                                  # a malformed $DREAMGYM_CPU_PLAN, before any work
     resume_point(cfg)
 
 
@@ -310,14 +311,14 @@ def encode_examples(lm: dg.LocalLM, examples, bpe_dropout: float = 0.0):
             model.dropout = None
 
 
-def heldout_loss(lm: dg.LocalLM, data, max_tokens: int, train_dtype: str = "auto") -> float:
+def heldout_loss(lm: dg.LocalLM, data, max_tokens: int, dtype: str = "auto") -> float:
     """Mean target-token negative log-likelihood of encoded (prompt, target) pairs, no gradients."""
     dev = next(lm.model.parameters()).device
     total, n = 0.0, 0
     lm.model.eval()
     with torch.no_grad():
         for b in dg.token_batches(data, [len(p) + len(t) for p, t in data], max_tokens):
-            with train_autocast(lm.model, train_dtype):
+            with train_autocast(lm.model, dtype):
                 logp, _, _ = dg.response_logprobs(lm.model, dg.pack([data[i] for i in b], lm.tokenizer.pad_token_id,
                                                                     dev))
             total, n = total - logp.sum().item(), n + logp.numel()
@@ -327,7 +328,7 @@ def heldout_loss(lm: dg.LocalLM, data, max_tokens: int, train_dtype: str = "auto
 
 def sft(lm: dg.LocalLM, examples, epochs: float, lr: float, max_tokens: int, seed: int, desc: str,
         log: Log | None = None, bpe_dropout: float = 0.0, heldout=None, patience: int = 2,
-        train_dtype: str = "auto", score=None) -> float:
+        dtype: str = "auto", score=None) -> float:
     """Supervised fine-tuning on (system, prompt, target): loss on target tokens only (Eq. 5: the
     prompt -- task, history, demos, state, action -- is never trained on). Returns the last loss.
     With `heldout` examples, they are scored after every epoch: `score(lm)` (a tuple, higher is
@@ -360,7 +361,7 @@ def sft(lm: dg.LocalLM, examples, epochs: float, lr: float, max_tokens: int, see
         b = batches[order[-1 - DIST.rank]]
         del order[-DIST.world:]
         batch = dg.pack([data[i] for i in b], lm.tokenizer.pad_token_id, dev)
-        with train_autocast(model, train_dtype):
+        with train_autocast(model, dtype):
             logp, _, _ = dg.response_logprobs(model, batch)
         loss = -logp.mean() / DIST.world
         loss.backward()
@@ -374,7 +375,7 @@ def sft(lm: dg.LocalLM, examples, epochs: float, lr: float, max_tokens: int, see
         if log is not None and (step % 50 == 0 or step == steps - 1):
             log(stage=desc, step=step, loss=ema)
         if val and ((step + 1) % epoch_steps == 0 or step == steps - 1):
-            v = heldout_loss(lm, val, max_tokens, train_dtype)
+            v = heldout_loss(lm, val, max_tokens, dtype)
             extra = tuple(score(lm)) if score is not None else ()
             if log is not None:
                 log(stage=desc, step=step, epoch=round((step + 1) / epoch_steps, 2), heldout_loss=v,
@@ -503,7 +504,7 @@ def experience_model(cfg: Config, trajs, tasks, buffer, encoder, dev, log) -> dg
         examples += dg.TaskGenerator(lm).sft_examples(tasks, random.Random(cfg.seed), encoder)
     sft(lm, examples, cfg.exp_epochs, cfg.exp_lr, cfg.exp_batch_tokens, cfg.seed, "sft experience model", log,
         cfg.bpe_dropout if cfg.exp_model.startswith("tiny") else 0.0,   # a pretrained LM keeps its segmentation
-        train_dtype=cfg.train_dtype)
+        dtype=cfg.train_dtype)
     save_on_main(lm, path)
     for p in lm.model.parameters():
         p.requires_grad_(False)
@@ -567,7 +568,7 @@ def warm_start(cfg: Config, trajs, tasks, dev, log) -> tuple[dg.LocalLM, int]:
     agree = lambda m: (action_agreement(m, held_prompts, held_actions),)
     sft(lm, examples(train_share), cfg.warm_epochs, cfg.warm_lr, cfg.warm_batch_tokens, cfg.seed, "warm start agent",
         log, cfg.bpe_dropout if cfg.agent_model.startswith("tiny") else 0.0, heldout=examples(held) or None,
-        patience=cfg.warm_patience, train_dtype=cfg.train_dtype, score=agree)
+        patience=cfg.warm_patience, dtype=cfg.train_dtype, score=agree)
     save_on_main(lm, path)
     lm.model.train()
     return lm, n_real
@@ -604,11 +605,12 @@ class ValueHead(torch.nn.Module):
 
 
 def turn_values(agent: dg.LocalLM, head: ValueHead, episodes, cfg: Config) -> list[list[float]]:
-    """Critic values of every turn's state before the update (the 'old' values GAE needs)."""
+    """Critic values of every turn's state before the update (the 'old' values GAE needs), from the
+    forward the update runs (the same autocast), so GAE and the value loss see one critic."""
     turns = [(e, t) for e in episodes for t in e.turns]
     dev = next(agent.model.parameters()).device
     vals = {}
-    with torch.no_grad():
+    with torch.no_grad(), train_autocast(agent.model, cfg.train_dtype):
         for mb in dg.token_batches(turns, [len(t.prompt_ids) for _, t in turns], cfg.max_tokens):
             batch = dg.pack([(turns[i][1].prompt_ids, []) for i in mb], agent.tokenizer.pad_token_id, dev)
             base = agent.model.get_base_model() if hasattr(agent.model, "get_base_model") else agent.model
@@ -863,16 +865,12 @@ def rl(cfg: Config, agent, exp_model, buffer, real_tasks, dev, log, ref=None, ev
             if cfg.add_to_buffer and buffer is not None:
                 buffer.add([t for t in transitions if not t.invalid])
                 crash_point("rl.buffer_add")
-        row = dict(stage="rl", iteration=st.iteration, phase=phase,
-                   reward=float(np.mean([x[0] for x in summary])), success=float(np.mean([x[1] for x in summary])),
-                   format_error=sum(x[2] for x in summary) / max(1, sum(x[3] for x in summary)),
-                   turns=float(np.mean([x[3] for x in summary])),
+        row = dict(stage="rl", iteration=st.iteration, phase=phase, **rollout_stats(summary),
                    generated_tasks=n_generated,
                    invalid_actions=sum(t.invalid for t in transitions),
                    real_transitions=st.real_transitions, dream_transitions=st.dream_transitions,
                    exp_failed=(exp_model.stats["failed"] - exp_failed) if exp_model else 0,
-                   exp_failed_episodes=sum(x[4] for x in summary), secs=round(time.time() - t0, 1),
-                   **upd)
+                   secs=round(time.time() - t0, 1), **upd)
         st.iteration += 1
         if phase == "dream" and cfg.taskgen and cfg.taskgen_share > 0 and st.iteration % cfg.taskgen_every == 0:
             if DIST.main:
@@ -890,6 +888,18 @@ def rl(cfg: Config, agent, exp_model, buffer, real_tasks, dev, log, ref=None, ev
             save_checkpoint(ckdir, agent, opt, head, buffer, dataclasses.asdict(st), rng, gen)
     bar.close()
     return st
+
+
+def rollout_stats(summary: list[tuple]) -> dict:
+    """An RL row's rollout numbers from (reward, success, format_errors, turns, exp_failed) per episode.
+    Reward and success count the episodes the update learns from: one that M_exp ended by failing to
+    simulate a step is left out (None when every episode was), as update_policy leaves it out."""
+    kept = [x for x in summary if not x[4]]
+    mean = lambda i: float(np.mean([x[i] for x in kept])) if kept else None
+    return dict(reward=mean(0), success=mean(1),
+                format_error=sum(x[2] for x in summary) / max(1, sum(x[3] for x in summary)),
+                turns=float(np.mean([x[3] for x in summary])) if summary else 0.0,
+                exp_failed_episodes=sum(bool(x[4]) for x in summary))
 
 
 def rl_traces(run_dir: str) -> dict[str, int]:
@@ -1011,6 +1021,16 @@ def annotated_trajectories(cfg: Config):
     return [tr for tr in trajs if tr[0].reasoning or cfg.annotator == "rule"]
 
 
+def logged_eval(log: Log, which: str, fold: str, episodes: int) -> dict | None:
+    """An evaluation this run folder already logged (its metrics row, floats as logged), so a resumed
+    run neither repeats it nor logs it twice; None if there is none."""
+    for r in reversed(log.rows()):
+        if r.get("stage") == "eval" and r.get("which") == which and r.get("fold") == fold \
+                and r.get("episodes") == episodes:
+            return {k: v for k, v in r.items() if k not in ("stage", "which", "fold")}
+    return None
+
+
 def offline_path(cfg: Config) -> str:
     name = (f"{cfg.env.replace(':', '_').replace(',', '_').replace('=', '')}-e{cfg.offline_expert}"
             f"-n{cfg.offline_noisy}-r{cfg.offline_random}-eps{cfg.offline_epsilon}-s{cfg.seed}-v{COLLECT_VERSION}")
@@ -1046,8 +1066,10 @@ def run(cfg: Config) -> dict:
     results["offline_transitions"] = sum(len(t) for t in trajs)
     results["warm_transitions"] = n_warm
     if "warm" not in results and DIST.main:
-        results["warm"] = dg.evaluate_agent(agent, cfg.env, cfg.eval_fold, cfg.eval_episodes, cfg.history)
-        log(stage="eval", which="warm start", fold=cfg.eval_fold, **results["warm"])
+        results["warm"] = logged_eval(log, "warm start", cfg.eval_fold, cfg.eval_episodes)
+        if results["warm"] is None:              # not yet evaluated (a resumed run finds it logged)
+            results["warm"] = dg.evaluate_agent(agent, cfg.env, cfg.eval_fold, cfg.eval_episodes, cfg.history)
+            log(stage="eval", which="warm start", fold=cfg.eval_fold, **results["warm"])
     ref = None
     if cfg.beta > 0 and hasattr(agent.model, "peft_config"):     # LoRA: the warm start's adapter, frozen
         ref = AdapterReference(agent.model)                      # (before a resumed checkpoint loads)

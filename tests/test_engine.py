@@ -654,6 +654,33 @@ def test_cpu_plan_decides_by_measurement(monkeypatch):
     assert engine_mod.cpu_plan(cfg, 8, weight_dtype=bf16, onednn=True, attention="sdpa").dtype == bf16
 
 
+def test_cpu_plan_pinned_by_the_environment(monkeypatch):
+    """$DREAMGYM_CPU_PLAN fixes what "auto" would measure (runs comparable whatever the load); its "auto"
+    parts stay measured, explicit requests win, and a malformed value is one clear error."""
+    cfg = _cfg()
+    monkeypatch.setattr(engine_mod, "_PLANS", {})
+    monkeypatch.setattr(engine_mod, "bf16_native", lambda: True)
+    monkeypatch.setattr(engine_mod, "_onednn_ok", lambda: True)
+    measured = []
+
+    def timings(fns, rounds=5):
+        measured.append(sorted(map(str, fns)))
+        return {k: 1.0 for k in fns}
+    monkeypatch.setattr(engine_mod, "_min_ms", timings)
+    monkeypatch.setenv("DREAMGYM_CPU_PLAN", "bfloat16/torch/sdpa")
+    plan = engine_mod.cpu_plan(cfg, 8)
+    assert (plan.dtype, plan.onednn, plan.attention, plan.ms) == (torch.bfloat16, False, "sdpa", ())
+    assert not measured
+    assert engine_mod.cpu_plan(cfg, 8, dtype="float32").dtype == torch.float32
+    monkeypatch.setenv("DREAMGYM_CPU_PLAN", "float32/oneDNN/auto")
+    plan = engine_mod.cpu_plan(cfg, 9)
+    assert (plan.dtype, plan.onednn) == (torch.float32, True) and len(measured) == 1
+    assert {k for k, _ in plan.ms} == {"float32/linear/oneDNN", "float32/attention/own", "float32/attention/sdpa"}
+    monkeypatch.setenv("DREAMGYM_CPU_PLAN", "bf16")
+    with pytest.raises(ValueError, match="DREAMGYM_CPU_PLAN"):
+        engine_mod.cpu_plan(cfg, 10)
+
+
 def test_cpu_plan_real_probe_and_fallbacks(monkeypatch):
     """The real probe on this CPU returns a usable plan; without oneDNN it picks F.linear; a candidate
     that raises is skipped with a warning."""

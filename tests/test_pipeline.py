@@ -87,6 +87,17 @@ def test_update_leaves_out_episodes_ended_by_a_failed_simulation(tiny_run):
     assert stats["agent_tokens"] == 4
 
 
+def test_rl_row_counts_success_over_the_episodes_the_update_learns_from():
+    """A failed simulation's episode is out of the update, so it is out of the row's reward and success
+    too (it still counts as a failed episode, and its turns in the format-error rate)."""
+    summary = [(1.0, True, 0, 2, False), (0.0, False, 1, 4, False), (1.0, True, 0, 1, True)]
+    row = train.rollout_stats(summary)
+    assert row["reward"] == 0.5 and row["success"] == 0.5 and row["exp_failed_episodes"] == 1
+    assert row["format_error"] == pytest.approx(1 / 7) and row["turns"] == pytest.approx(7 / 3)
+    all_failed = train.rollout_stats([(0.0, False, 0, 1, True)])
+    assert all_failed["success"] is None and all_failed["reward"] is None and all_failed["exp_failed_episodes"] == 1
+
+
 def _crash_in_iteration(monkeypatch, n: int):
     """update_policy raises in the n-th iteration (a crash mid-iteration, checkpoint of n - 1 kept)."""
     real_update, calls = train.update_policy, []
@@ -122,6 +133,9 @@ def test_resume_after_a_crash_reaches_the_same_state(straight_run, monkeypatch):
     b = _crashed_then_resumed(monkeypatch, root, "crashed", shared, killed_in_iteration_2)
     a = run_state(straight.out)
     assert_same_run(a, b)
+    evals = lambda out: [(r["which"], r["success"], r["per_task"]) for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))
+                         if r.get("stage") == "eval"]
+    assert evals(str(root / "crashed")) == evals(straight.out), "the warm start is evaluated and logged once"
     warm = train.load_lm(straight, shared["warm_ckpt"], torch.device("cpu"), trainable=False)
     w = a["tensors"]["agent/model.safetensors/model.embed_tokens.weight"]
     assert not torch.equal(w, warm.model.model.embed_tokens.weight), "the rewarded run must change the agent"
@@ -165,7 +179,7 @@ def test_real_mode_stops_at_its_budget_resumes_exactly_and_curves_use_the_curve_
     assert_same_run(run_state(cfg.out), _crashed_then_resumed(monkeypatch, root, "real_crashed", shared))
 
 
-def test_bad_input_ends_the_run_at_once_in_one_line(tmp_path):
+def test_bad_input_ends_the_run_at_once_in_one_line(tmp_path, monkeypatch):
     out, data = tmp_path / "out", tmp_path / "data"
     t0 = time.time()
     proc = subprocess.run([sys.executable, "train.py", "--agent_model", "/nonexistent/model", "--out", str(out),
@@ -187,6 +201,10 @@ def test_bad_input_ends_the_run_at_once_in_one_line(tmp_path):
         with pytest.raises(ValueError, match=flag):
             train.preflight(train.Config(**{**ok, **bad}).validate())
     train.preflight(train.Config(**ok, exp_endpoint="http://localhost:8000/v1", exp_endpoint_model="m").validate())
+    monkeypatch.setenv("DREAMGYM_CPU_PLAN", "bf16")
+    with pytest.raises(ValueError, match="DREAMGYM_CPU_PLAN"):
+        train.preflight(train.Config(**ok).validate())
+    monkeypatch.delenv("DREAMGYM_CPU_PLAN")
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--temperature", "0"])
     assert e.value.code == 2
@@ -282,6 +300,26 @@ def test_table_s2r_continues_the_dream_run_exactly(tiny_run, tmp_path):
     spent = [r["real_transitions"] for r in a["metrics"] if r["stage"] == "rl" and r["phase"] == "real"]
     assert spent and spent[-1] >= 6 and all(x < 6 for x in spent[:-1])
     assert spent[-1] < 6 + alone.tasks_per_iter * alone.group_size * 3, "at most one iteration's worth over"
+
+
+def test_an_interrupted_table_continues_its_runs(tiny_run, tmp_path, monkeypatch):
+    """The table owns its run folders: run again after a kill, it continues the unfinished run from its
+    checkpoint (no --resume to pass, no folder to delete)."""
+    import dataclasses
+    from eval import table_suite
+    root, first, _ = tiny_run
+    shared = dict(exp_ckpt=os.path.join(first.out, "exp_model"), warm_ckpt=os.path.join(first.out, "agent_warm"),
+                  iterations=2, eval_every=1, eval_episodes=2)
+    over = {k: v for k, v in dataclasses.asdict(tiny_cfg(root, "unused", **shared)).items() if k not in ("out", "seed")}
+    real_update = _crash_in_iteration(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        table_suite(str(tmp_path), [0], over, ["DreamGym-GRPO"], with_fidelity=False)
+    monkeypatch.setattr(train, "update_policy", real_update)
+    table_suite(str(tmp_path), [0], over, ["DreamGym-GRPO"], with_fidelity=False)
+    run = str(tmp_path / "seed0" / "DreamGym-GRPO")
+    assert json.load(open(os.path.join(run, "results.json")))["final"]["episodes"] == 2
+    assert [r["iteration"] for r in map(json.loads, open(os.path.join(run, "metrics.jsonl")))
+            if r.get("stage") == "rl"] == [0, 1]
 
 
 def test_table_reuses_each_seeds_own_checkpoints(monkeypatch, tmp_path):

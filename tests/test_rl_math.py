@@ -307,6 +307,25 @@ def test_ppo_advantages_are_whitened_over_the_iterations_turns(small_agent_dir, 
         train.Config(recompute_logprobs="sometimes").validate()
 
 
+def test_ppo_old_values_come_from_the_updates_forward(small_agent_dir):
+    """GAE's old values and the value loss read one critic: turn_values runs under the autocast the
+    update runs under (bfloat16 here), not in float32 beside a bfloat16 update."""
+    import train
+    agent = _agent(small_agent_dir)
+    eps = _rollout(agent)
+    head = train.ValueHead(agent.model.config.hidden_size)
+    seen = {"old": [], "update": []}
+    phase = ["old"]
+    real_forward = head.forward
+    head.forward = lambda x: seen[phase[0]].append(torch.is_autocast_enabled("cpu")) or real_forward(x)
+    cfg = train.Config(algo="ppo", minibatches=1, update_epochs=1, train_dtype="bfloat16")
+    old = train.turn_values(agent, head, eps, cfg)
+    phase[0] = "update"
+    train.update_policy(agent, torch.optim.SGD(list(head.parameters()), lr=0.0), eps, cfg, head, None)
+    assert seen["old"] and seen["update"] and set(seen["old"]) == set(seen["update"]) == {True}
+    assert len(old) == len(eps) and all(len(v) == len(e.turns) for v, e in zip(old, eps))
+
+
 def test_sampler_logprobs_are_the_updates_old_policy_in_float32(small_agent_dir):
     """From a real rollout in float32: the first mini-batch's ratio is 1 (|ratio - 1| < 1e-4), and
     the update's own forward ("always") gives the sampler's log-probs back."""
