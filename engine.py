@@ -45,8 +45,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import inspect
+import os
 import threading
 import time
 import warnings
