@@ -297,11 +297,11 @@ class Engine:
         lean = self._lean_eligible()
         self._run_plan = plan = self._plan(module_path=not lean)
         if lean:
-            key = (self._weights(), plan.dtype, plan.onednn)
+            key = (self._weights(), plan.dtype, plan.onednn, plan.cache_dtype)
             if self._lean_cached is None or self._lean_cached[0] != key:
                 self._lean_cached = None                                # the old copy goes first
                 self._lean_cached = (key, _LeanModel(self._decoder, self._head, plan))
-            self._lean_model, self._kv_dtype = self._lean_cached[1], plan.dtype
+            self._lean_model, self._kv_dtype = self._lean_cached[1], plan.cache_dtype
         self._kv_vt = not self._static(w.device) and self._own_attention(w.device)
 
     def _weights(self):
@@ -423,7 +423,9 @@ class Engine:
         """The decoder of a plain Llama-type model in a few ops per layer (CPU; see `_LeanModel`):
         fused QKV and gate/up linears in the plan's dtype (bfloat16 with autocast's numerics: the
         residual stream, norms and RoPE stay float32, each linear's output is bfloat16), K/V written
-        to the cache in its dtype, SDPA over the new states for the prefill (causal, no cached
+        to the cache in its dtype (the plan's `cache_dtype`: the compute dtype, or float32 under
+        bfloat16 linears where that measured faster; attention then runs in float32 and the output
+        projection casts back), SDPA over the new states for the prefill (causal, no cached
         prefix) and one query per row over the cache otherwise (SDPA or `_cpu_decode_attention`, as
         the plan says). The HF modules' op sequence is kept where it sets the rounding (RMSNorm,
         RoPE, SiLU * up), so greedy tokens match the model's own forward in the same dtype.
@@ -459,22 +461,22 @@ class Engine:
             if T1 > 1 and s == 0:        # prefill, nothing cached before: causal over the new states
                 # K and V as the cache holds them (already in its dtype); V stored transposed is slow to read
                 # for SDPA, so then the new states
-                vs = v.to(W.dtype) if cache.vt else V[rows, :, :e]
-                o = F.scaled_dot_product_attention(q.transpose(1, 2).to(W.dtype), K[rows, :, :e], vs,
+                vs = v.to(W.kv_dtype) if cache.vt else V[rows, :, :e]
+                o = F.scaled_dot_product_attention(q.transpose(1, 2).to(W.kv_dtype), K[rows, :, :e], vs,
                                                    is_causal=True, scale=W.scaling, enable_gqa=Hq != Hk)
                 o = o.transpose(1, 2).reshape(B, T, Hq * D)
             elif T1 > 1:                  # prefill after a cached prefix
-                o = F.scaled_dot_product_attention(q.transpose(1, 2).to(W.dtype), K[rows, :, :e], V[rows, :, :e],
+                o = F.scaled_dot_product_attention(q.transpose(1, 2).to(W.kv_dtype), K[rows, :, :e], V[rows, :, :e],
                                                    attn_mask=prefix_mask, scale=W.scaling, enable_gqa=Hq != Hk)
                 o = o.transpose(1, 2).reshape(B, T, Hq * D)
             elif own:                     # one query per row, the engine's attention (V stored transposed)
                 bias = None if one is None else torch.zeros(one.shape, dtype=h.dtype).masked_fill_(
                     ~one, torch.finfo(h.dtype).min)
-                o, _ = _cpu_decode_attention(None, q.transpose(1, 2).to(W.dtype), K[rows, :, :e], V[rows, :, :e],
+                o, _ = _cpu_decode_attention(None, q.transpose(1, 2).to(W.kv_dtype), K[rows, :, :e], V[rows, :, :e],
                                              0.0 if bias is None else bias, scaling=W.scaling)
                 o = o.reshape(B, 1, Hq * D)
             else:                         # one query per row, SDPA; a KV head's query heads are its rows
-                qg = q.reshape(B, Hk, Hq // Hk, D).to(W.dtype)
+                qg = q.reshape(B, Hk, Hq // Hk, D).to(W.kv_dtype)
                 o = F.scaled_dot_product_attention(qg, K[rows, :, :e], V[rows, :, :e], attn_mask=one, scale=W.scaling)
                 o = o.reshape(B, 1, Hq * D)
             h = h + L.o(o)
@@ -728,7 +730,7 @@ class _LeanModel:
         cfg = a.config
         hq = cfg.num_attention_heads
         self.heads = (hq, getattr(cfg, "num_key_value_heads", None) or hq, a.head_dim)
-        self.dtype, self.scaling = plan.dtype, a.scaling
+        self.dtype, self.kv_dtype, self.scaling = plan.dtype, plan.cache_dtype, a.scaling
         lin = lambda *mods: _Linear(mods, plan.dtype, plan.onednn)
         norm = lambda n: (n.weight.detach(), n.variance_epsilon)
         self.layers = []
@@ -779,10 +781,18 @@ class CpuPlan:
     onednn: bool                  # linears through oneDNN with packed weights (else F.linear)
     attention: str                # one query per row over the cache: "own" (_cpu_decode_attention) | "sdpa"
     ms: tuple = ()                # (candidate, ms): what was measured (empty: nothing to choose from)
+    kv: torch.dtype | None = None  # the KV cache's and attention's dtype when it is not `dtype`: bfloat16
+                                   # linears over a float32 cache, where bfloat16 GEMMs are fast and its
+                                   # attention is not (AVX512-BF16 without AMX)
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self.kv or self.dtype
 
     def describe(self) -> str:
-        what = f"dtype {str(self.dtype).replace('torch.', '')}, linears {'oneDNN' if self.onednn else 'torch'}, " \
-               f"decode attention {self.attention}"
+        name = lambda d: str(d).replace("torch.", "")
+        what = f"dtype {name(self.dtype)}, linears {'oneDNN' if self.onednn else 'torch'}, " \
+               f"decode attention {self.attention}" + (f", cache and attention {name(self.kv)}" if self.kv else "")
         return what + (" (measured ms: " + ", ".join(f"{k} {v:.2f}" for k, v in self.ms) + ")" if self.ms else "")
 
 
@@ -824,64 +834,79 @@ def _shapes(config):
     return config.hidden_size, config.intermediate_size, hq, hk, d
 
 
-def pinned_plan(dtype="auto", onednn="auto", attention="auto"):
-    """The "auto" requests replaced by $DREAMGYM_CPU_PLAN's parts ("<dtype>/<linears>/<attention>":
-    float32|bfloat16|auto / torch|oneDNN|auto / own|sdpa|auto); explicit requests win over it."""
+def pinned_plan(dtype="auto", onednn="auto", attention="auto", kv="auto"):
+    """The "auto" requests replaced by $DREAMGYM_CPU_PLAN's parts ("<dtype>/<linears>/<attention>[/<cache>]":
+    float32|bfloat16|auto / torch|oneDNN|auto / own|sdpa|auto / float32|bfloat16|auto, the KV cache's and
+    attention's dtype, the compute dtype's when left out); explicit requests win over it."""
     spec = os.environ.get("DREAMGYM_CPU_PLAN", "").strip()
     if not spec:
-        return dtype, onednn, attention
+        return dtype, onednn, attention, kv
     parts = spec.split("/")
-    choices = (("auto", "float32", "bfloat16"), ("auto", "torch", "onednn"), ("auto", "own", "sdpa"))
-    if len(parts) != 3 or any(p.lower() not in c for p, c in zip(parts, choices)):
-        raise ValueError(f"DREAMGYM_CPU_PLAN={spec!r}: write <dtype>/<linears>/<attention>, each auto or "
-                         f"one of float32|bfloat16, torch|oneDNN, own|sdpa (e.g. bfloat16/torch/sdpa)")
-    d, lin, att = (p.lower() for p in parts)
+    dts = ("auto", "float32", "bfloat16")
+    choices = (dts, ("auto", "torch", "onednn"), ("auto", "own", "sdpa"), dts)
+    if len(parts) not in (3, 4) or any(p.lower() not in c for p, c in zip(parts, choices)):
+        raise ValueError(f"DREAMGYM_CPU_PLAN={spec!r}: write <dtype>/<linears>/<attention>[/<cache dtype>], each "
+                         f"auto or one of float32|bfloat16, torch|oneDNN, own|sdpa, float32|bfloat16 "
+                         f"(e.g. bfloat16/torch/sdpa or bfloat16/oneDNN/own/float32)")
+    d, lin, att, c = [p.lower() for p in parts] + (["auto"] if len(parts) == 3 else [])
+    if len(parts) == 3 and d != "auto":
+        c = d                                   # three parts: the cache follows the compute dtype
     return (d if dtype == "auto" and d != "auto" else dtype,
             (lin == "onednn") if onednn == "auto" and lin != "auto" else onednn,
-            att if attention == "auto" and att != "auto" else attention)
+            att if attention == "auto" and att != "auto" else attention,
+            c if kv == "auto" and c != "auto" else kv)
 
 
 def cpu_plan(config, batch: int, weight_dtype=torch.float32, dtype: str = "auto", onednn="auto",
-             attention: str = "auto") -> CpuPlan:
+             attention: str = "auto", kv: str = "auto") -> CpuPlan:
     """Decide, by measuring on this CPU at the model's shapes, what the engine runs: the compute dtype
     (bfloat16 for a float32 model only where the CPU has AMX / AVX512-BF16 and a layer's linears plus
-    its decode attention measured >= BF16_MARGIN faster), F.linear or oneDNN's packed linear, and the
-    decode attention (the engine's two bmm or SDPA). Measured: the four linears of a layer at `batch`
-    rows (a decode step) and 256 rows (a prefill chunk), and one query per row over a 256-column cache.
-    Vendors differ (PyTorch's MKL GEMMs run AVX2 code on AMD; SDPA's CPU kernel is faster than the two
-    bmm on some Intel CPUs and slower on AMD), hence measured, not looked up. Once per process and
-    shape (0.1-1 s); requests other than "auto" are obeyed without measuring them. Timings on a loaded
-    machine can choose differently than on a free one (and each choice rounds differently), so
-    $DREAMGYM_CPU_PLAN pins the "auto" requests for comparable runs: "<dtype>/<linears>/<attention>",
-    e.g. "bfloat16/torch/sdpa" (as `describe` names them; "auto" leaves a part measured)."""
-    dtype, onednn, attention = pinned_plan(dtype, onednn, attention)
+    its decode attention measured >= BF16_MARGIN faster), the dtype of the KV cache and attention (the
+    compute dtype's, or float32 under bfloat16 linears where that measured CHOICE_MARGIN faster: on
+    AVX512-BF16 CPUs without AMX, bfloat16 GEMMs are fast and bfloat16 attention is slow), F.linear or
+    oneDNN's packed linear, and the decode attention (the engine's two bmm or SDPA). Measured: the four
+    linears of a layer at `batch` rows (a decode step) and 256 rows (a prefill chunk), and one query per
+    row over a 256-column cache. Vendors differ (PyTorch's MKL GEMMs run AVX2 code on AMD; SDPA's CPU
+    kernel is faster than the two bmm on some Intel CPUs and slower on AMD), hence measured, not looked
+    up. Once per process and shape (0.1-1 s); requests other than "auto" are obeyed without measuring
+    them. Timings on a loaded machine can choose differently than on a free one (and each choice rounds
+    differently), so $DREAMGYM_CPU_PLAN pins the "auto" requests for comparable runs:
+    "<dtype>/<linears>/<attention>[/<cache dtype>]", e.g. "bfloat16/torch/sdpa" (as `describe` names
+    them; "auto" leaves a part measured)."""
+    dtype, onednn, attention, kv = pinned_plan(dtype, onednn, attention, kv)
     C, I, Hq, Hk, D = _shapes(config)
-    key = (C, I, Hq, Hk, D, batch, weight_dtype, dtype, onednn, attention, torch.get_num_threads())
+    key = (C, I, Hq, Hk, D, batch, weight_dtype, dtype, onednn, attention, kv, torch.get_num_threads())
     if key in _PLANS:
         return _PLANS[key]
+    f32, bf16 = torch.float32, torch.bfloat16
     if dtype == "auto":
-        dts = [torch.float32, torch.bfloat16] if weight_dtype == torch.float32 and bf16_native() else [weight_dtype]
+        dts = [f32, bf16] if weight_dtype == f32 and bf16_native() else [weight_dtype]
     else:
         dts = [getattr(torch, dtype)]
+    # the cache dtypes each compute dtype may use: its own; under bfloat16 linears a float32 cache too
+    # (when nothing is requested); a requested cache dtype applies to bfloat16 compute (float32 keeps its own)
+    caches = {dt: [getattr(torch, kv)] if kv != "auto" and dt == bf16 else
+              [dt] + ([f32] if dt == bf16 and dtype == "auto" and kv == "auto" else []) for dt in dts}
+    kvs = list(dict.fromkeys(c for dt in dts for c in caches[dt]))
     dnn = [o for o in ((False, True) if onednn == "auto" else (bool(onednn),)) if not o or _onednn_ok()] or [False]
     kinds = ("own", "sdpa") if attention == "auto" else (attention,)
     fns = {}
-    if len(dts) * len(dnn) * len(kinds) > 1:
+    measure = lambda dt: dt in (f32, bf16)
+    if len(dts) * len(dnn) * len(kinds) * len(kvs) > 1:
         g = torch.Generator().manual_seed(0)
         rnd = lambda *s: torch.randn(*s, generator=g)
         lins = [(C, (Hq + 2 * Hk) * D), (Hq * D, C), (C, 2 * I), (I, C)]
         xs = [(rnd(m, k), rnd(n, k)) for m in (batch, 256) for k, n in lins]
         L = min(256, getattr(config, "max_position_embeddings", 256) or 256)
         q, k, v = rnd(batch, Hq, 1, D), rnd(batch, Hk, L, D), rnd(batch, Hk, L, D)
-        for dt in dts:
-            if dt not in (torch.float32, torch.bfloat16):
-                continue
+        for dt in filter(measure, dts):
             w = [(x.to(dt), wt.to(dt)) for x, wt in xs]
             for o in dnn:
                 packed = [torch.ops.mkldnn._reorder_linear_weight(wt) if o else None for _, wt in w]
                 fns[(dt, "linear", o)] = lambda w=w, p=packed: [
                     F.linear(x, wt) if pk is None else torch.ops.mkldnn._linear_pointwise(x, pk, None, "none", [], "")
                     for (x, wt), pk in zip(w, p)]
+        for dt in filter(measure, kvs):
             qd, kd, vd, vt = q.to(dt), k.to(dt), v.to(dt), v.to(dt).transpose(2, 3).contiguous()
             for kind in kinds:
                 fns[(dt, "attention", kind)] = (
@@ -891,22 +916,29 @@ def cpu_plan(config, batch: int, weight_dtype=torch.float32, dtype: str = "auto"
                     (lambda qd=qd, kd=kd, vd=vd: F.scaled_dot_product_attention(
                         qd.view(batch, Hk, Hq // Hk, D), kd, vd, scale=D ** -0.5)))
     ms = _min_ms(fns) if fns else {}
-    best = {}
     inf = float("inf")
-    for dt in dts:
-        # a candidate that failed counts as infinitely slow (unless it is the only one); the defaults
-        # (F.linear, SDPA: float32 scores in bfloat16 too) win unless the other is CHOICE_MARGIN faster,
-        # so that near-equal timings do not flip the choice (and the rounding) between runs
-        t = lambda *k: ms.get((dt, *k), inf if fns else 0.0) * (1.0 if k[1] in (False, "sdpa") else CHOICE_MARGIN)
-        lin = min(dnn, key=lambda o: t("linear", o))
-        att = min(kinds, key=lambda a: t("attention", a))
-        best[dt] = (ms.get((dt, "linear", lin), 0.0) + ms.get((dt, "attention", att), 0.0), lin, att)
+    # a candidate that failed counts as infinitely slow (unless it is the only one); the defaults
+    # (F.linear, SDPA: float32 scores in bfloat16 too, a cache in the compute dtype) win unless the other
+    # is CHOICE_MARGIN faster, so that near-equal timings do not flip the choice (and the rounding) between runs
+    t = lambda dt, *k: ms.get((dt, *k), inf if fns else 0.0) * (1.0 if k[1] in (False, "sdpa") else CHOICE_MARGIN)
+    lin = {dt: min(dnn, key=lambda o: t(dt, "linear", o)) for dt in dts}
+    att = {dt: min(kinds, key=lambda a: t(dt, "attention", a)) for dt in kvs}
+    cost = lambda dt, c: ms.get((dt, "linear", lin[dt]), 0.0) + ms.get((c, "attention", att[c]), 0.0)
+    best = {}                   # compute dtype -> (ms, its cache dtype): its first cache unless another
+    for dt in dts:              # is CHOICE_MARGIN faster
+        first = caches[dt][0]
+        best[dt] = (cost(dt, first), first)
+        for c in caches[dt][1:]:
+            if cost(dt, c) * CHOICE_MARGIN < best[dt][0]:
+                best[dt] = (cost(dt, c), c)
     pick = dts[0]
-    if len(dts) > 1 and best[torch.bfloat16][0] * BF16_MARGIN < best[torch.float32][0]:
-        pick = torch.bfloat16
+    if len(dts) > 1 and best[bf16][0] * BF16_MARGIN < best[f32][0]:
+        pick = bf16
+    cache = best[pick][1]
     name = lambda k: "/".join([str(k[0]).replace("torch.", ""), k[1],
                                ("oneDNN" if k[2] else "torch") if k[1] == "linear" else k[2]])
-    plan = CpuPlan(pick, best[pick][1], best[pick][2], tuple((name(k), v) for k, v in ms.items()))
+    plan = CpuPlan(pick, lin[pick], att[cache], tuple((name(k), v) for k, v in ms.items()),
+                   kv=cache if cache != pick else None)
     _PLANS[key] = plan
     return plan
 

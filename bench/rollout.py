@@ -113,6 +113,20 @@ def dtype_name(dt) -> str:
     return str(dt).replace("torch.", "")
 
 
+def tie_gaps(model, prompts, got, ref) -> list[tuple[float, float]]:
+    """For each row where `got` and `ref` differ: (|logit gap| between the two tokens at the first
+    difference, the larger of the two logits), by the model's own forward in its dtype."""
+    out = []
+    for prompt, a, b in zip(prompts, got, ref):
+        if a == b:
+            continue
+        j = next(j for j in range(min(len(a), len(b))) if a[j] != b[j])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + b[:j]], device=DEVICE)).logits[0, -1].float()
+        out.append((abs(logits[a[j]] - logits[b[j]]).item(), max(logits[a[j]].item(), logits[b[j]].item())))
+    return out
+
+
 def bench_decode(model, tok, a):
     g = torch.Generator().manual_seed(0)
     hi = min(len(tok), model.config.vocab_size)
@@ -164,6 +178,11 @@ def bench_decode(model, tok, a):
         print(f"hf generate ({dtype_name(cdt)} autocast, the engine's compute dtype): {rate('hf_same')}")
     print(f"greedy rows identical to hf: {same('engine', ref):.0%} (engine {dtype_name(cdt)} vs hf "
           f"{dtype_name(cdt)}{' autocast' if cdt != mdt else ''})")
+    if same("engine", ref) < 1:
+        gaps = tie_gaps(model, [prefix + p for p in prompts], tokens("engine"), tokens(ref))
+        print(f"differing rows: {len(gaps)}, each first differs where the two tokens' {dtype_name(mdt)} logits are "
+              f"{max(g for g, _ in gaps):.3f} apart at most (at logits up to {max(x for _, x in gaps):.1f}): "
+              f"near-ties that any two {dtype_name(cdt)} computations may order either way")
     if cdt != mdt:
         print(f"greedy rows identical to hf {dtype_name(mdt)}: {same('engine', 'hf'):.0%} (informative: "
               f"{dtype_name(cdt)} vs {dtype_name(mdt)} rounding)")

@@ -563,15 +563,49 @@ def test_bfloat16_matches_hf_in_bfloat16(lm, attention):
     assert stopped >= 3
 
 
-def test_bfloat16_model_matches_hf(tiny):
-    """A model loaded in bfloat16 runs the lean forward in its own dtype (auto): HF's greedy tokens."""
+@pytest.mark.parametrize("attention", ["sdpa", "own"])
+def test_bfloat16_linears_over_a_float32_cache(lm, monkeypatch, attention):
+    """The mixed plan (bfloat16 linears, float32 KV cache and attention: what cpu_plan picks where
+    bfloat16 GEMMs are fast and bfloat16 attention is slow) keeps HF's greedy tokens under bfloat16
+    autocast up to near-ties, with a cached prefix, and its log-probs within bfloat16 rounding."""
+    model, tok = lm
+    monkeypatch.setattr(engine_mod, "_PLANS", {})
+    monkeypatch.setenv("DREAMGYM_CPU_PLAN", f"bfloat16/auto/{attention}/float32")
+    rows = prompts(tok, lens=[3 + (7 * i) % 29 for i in range(20)], seed=5)
+    prefix = [tok.bos_token_id] + prompts(tok, lens=(6,), seed=2)[0]
+    p = SamplingParams(temperature=0.0, max_new_tokens=12)
+    eng = engine_mod.Engine(model, tok, eos_token_ids=())          # every choice "auto": the pinned plan
+    assert eng.compute_dtype() == torch.bfloat16 and eng._lean_eligible()
+    gens = eng.generate(rows, p)
+    assert eng._run_plan.cache_dtype == torch.float32 and "cache and attention float32" in eng._run_plan.describe()
+    # HF under autocast runs its attention in bfloat16, this plan in float32: some near-ties go the other way
+    assert same_up_to_ties(model, rows, [g.token_ids for g in gens], hf_greedy_bf16(model, tok, rows, 12)) >= 0.6
+    full = [prefix + r for r in rows]
+    got = [g.token_ids for g in eng.generate(rows, p, prefix=prefix)]
+    assert same_up_to_ties(model, full, got, hf_greedy_bf16(model, tok, full, 12)) >= 0.6
+    assert eng._prefix and all(k.dtype == torch.float32 for kv in next(iter(eng._prefix.values())) for k in kv)
+    diff = torch.cat([torch.tensor(g.logprobs) - full_logprobs_bf16(model, prompt, g.token_ids)
+                      for g, prompt in zip(gens, rows)]).abs()
+    assert diff.max() < 0.1 and diff.mean() < 0.02
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "own"])
+def test_bfloat16_model_matches_hf(tiny, monkeypatch, attention):
+    """A model loaded in bfloat16 runs the lean forward in its own dtype (auto), its cache too (pinned,
+    with each decode attention: a float32 cache is a plan of its own, tested above): HF's greedy tokens
+    up to near-ties (the engine's own attention rounds the scores to bfloat16 before the softmax, SDPA
+    does not: more near-ties go the other way)."""
+    monkeypatch.setattr(engine_mod, "_PLANS", {})
+    monkeypatch.setenv("DREAMGYM_CPU_PLAN", f"auto/auto/{attention}/bfloat16")
     model, tok = models.load_model(tiny, models.ModelSpec(dtype="bfloat16"), device="cpu")
     model = _scale(model)
-    rows = prompts(tok, lens=(5, 17, 1, 30, 9, 12))
+    rows = prompts(tok, lens=[3 + (7 * i) % 29 for i in range(12)], seed=7)
     eng = engine_mod.Engine(model, tok, eos_token_ids=())
     assert eng.compute_dtype() == torch.bfloat16 and eng._lean_eligible()
     gens = eng.generate(rows, SamplingParams(temperature=0.0, max_new_tokens=10))
-    assert same_up_to_ties(model, rows, [g.token_ids for g in gens], hf_greedy(model, tok, rows, 10)) >= 0.8
+    assert eng._run_plan.attention == attention and eng._run_plan.cache_dtype == torch.bfloat16
+    least = 0.8 if attention == "sdpa" else 0.6
+    assert same_up_to_ties(model, rows, [g.token_ids for g in gens], hf_greedy(model, tok, rows, 10)) >= least
 
 
 def test_default_engine_matches_hf_in_its_compute_dtype(lm):
@@ -581,8 +615,9 @@ def test_default_engine_matches_hf_in_its_compute_dtype(lm):
     rows = prompts(tok, lens=[3 + (5 * i) % 31 for i in range(24)], seed=12)
     eng = engine_mod.Engine(model, tok, eos_token_ids=())
     gens = eng.generate(rows, SamplingParams(temperature=0.0, max_new_tokens=10))
-    if eng.compute_dtype() == torch.bfloat16:
-        assert same_up_to_ties(model, rows, [g.token_ids for g in gens], hf_greedy_bf16(model, tok, rows, 10)) >= 0.8
+    if eng.compute_dtype() == torch.bfloat16:        # HF under autocast: bfloat16 attention (a float32 cache: not)
+        least = 0.8 if eng._run_plan.cache_dtype == torch.bfloat16 else 0.6
+        assert same_up_to_ties(model, rows, [g.token_ids for g in gens], hf_greedy_bf16(model, tok, rows, 10)) >= least
     else:
         assert [g.token_ids for g in gens] == hf_greedy(model, tok, rows, 10)
     assert eng.compute_dtype() in (torch.float32, torch.bfloat16)
@@ -648,6 +683,19 @@ def test_cpu_plan_decides_by_measurement(monkeypatch):
     assert engine_mod.cpu_plan(cfg, 32).dtype == f32
     fake[(f32, "attention", "own")], fake[(f32, "linear", True)] = 2.9, 0.95  # near-equal: the defaults stay
     assert (engine_mod.cpu_plan(cfg, 33).attention, engine_mod.cpu_plan(cfg, 33).onednn) == ("sdpa", False)
+    # bfloat16 GEMMs fast, bfloat16 attention slow (AVX512-BF16 without AMX): bfloat16 linears over a
+    # float32 cache (0.4 + 1.0 ms against 1.0 + 1.0 in float32 and 0.4 + 3.0 in bfloat16), no mixed plan
+    # within the margin, and none asked for once a dtype is requested
+    monkeypatch.setattr(engine_mod, "bf16_native", lambda: True)
+    fake.update({(f32, "linear", True): 1.6, (f32, "attention", "own"): 1.0,
+                 (bf16, "attention", "own"): 3.0, (bf16, "attention", "sdpa"): 3.5})
+    mixed = engine_mod.cpu_plan(cfg, 64)
+    assert (mixed.dtype, mixed.cache_dtype, mixed.onednn, mixed.attention) == (bf16, f32, True, "own")
+    assert "cache and attention float32" in mixed.describe() and len(mixed.ms) == 8
+    assert engine_mod.cpu_plan(cfg, 64, dtype="bfloat16").cache_dtype == bf16
+    assert engine_mod.cpu_plan(cfg, 64, kv="bfloat16").kv is None
+    fake[(bf16, "attention", "own")] = 1.05                 # 1.45 vs 1.4 ms: within the margin, the cache stays bf16
+    assert engine_mod.cpu_plan(cfg, 65).kv is None
     forced = engine_mod.cpu_plan(cfg, 8, dtype="bfloat16", onednn=False, attention="own")
     assert (forced.dtype, forced.onednn, forced.attention, forced.ms) == (bf16, False, "own", ())
     # a bfloat16 model: its own dtype, no float32 candidate
@@ -676,6 +724,9 @@ def test_cpu_plan_pinned_by_the_environment(monkeypatch):
     plan = engine_mod.cpu_plan(cfg, 9)
     assert (plan.dtype, plan.onednn) == (torch.float32, True) and len(measured) == 1
     assert {k for k, _ in plan.ms} == {"float32/linear/oneDNN", "float32/attention/own", "float32/attention/sdpa"}
+    monkeypatch.setenv("DREAMGYM_CPU_PLAN", "bfloat16/torch/sdpa/float32")
+    plan = engine_mod.cpu_plan(cfg, 11)
+    assert (plan.dtype, plan.cache_dtype, plan.ms) == (torch.bfloat16, torch.float32, ())
     monkeypatch.setenv("DREAMGYM_CPU_PLAN", "bf16")
     with pytest.raises(ValueError, match="DREAMGYM_CPU_PLAN"):
         engine_mod.cpu_plan(cfg, 10)
