@@ -14,7 +14,9 @@ PyTorch's default (float32 eager, no autocast), on the same model, batch and opt
 Runs alternate default/ours (A, B, A, B, ...); tokens/s = batch tokens / median wall time of a step
 (the process-time ratio is printed too: steadier on a shared machine). What "ours" runs is decided by
 engine.train_dtype("auto") on this CPU and printed (bfloat16 autocast where the CPU has AMX /
-AVX512-BF16 and it measured faster; otherwise the same as the default, ratio ~1).
+AVX512-BF16 and it measured faster; otherwise the same as the default, ratio ~1). SmolLM2 + LoRA is
+loaded twice: float32 weights for the default, and as train.py loads it for ours (models.load_model's
+dtype auto: bfloat16 base weights under float32 adapters on a CPU with native bfloat16).
 Ends with `train_speedup_vs_torch_default: X`: the tiny model's (the main job's) SFT step and
 policy-update step together, (default SFT + default update) / (ours SFT + ours update), median times.
 """
@@ -84,21 +86,28 @@ def steps(model, ref, tok, a, seed=0):
     return [("sft", sft, sft_tokens), ("policy_update", update, rl_tokens)]
 
 
-def measure(name, model, ref, tok, a, dtype_request):
-    """Prints tokens/s of each step for the default and ours; returns {step: (default s, ours s)} (medians)."""
-    chosen = engine.train_dtype(model, dtype_request)
+def measure(name, model, ref, tok, a, dtype_request, ours_models=None):
+    """Prints tokens/s of each step for the default and ours; returns {step: (default s, ours s)} (medians).
+    ours_models: (model, ref) as the product loads them when that differs from the float32 default
+    (a LoRA model that models.load_model puts in bfloat16 on this CPU); else ours runs `model` too."""
+    mine, mine_ref = ours_models or (model, ref)
+    weights = str(next(mine.parameters()).dtype).replace("torch.", "")
+    chosen = engine.train_dtype(mine, dtype_request)
     probe = engine._TRAIN.get((model.config.hidden_size, model.config.intermediate_size, torch.get_num_threads()))
-    how = "bfloat16 autocast" if chosen == torch.bfloat16 else "float32 (no autocast: same as the default)"
+    how = ("bfloat16 autocast over float32 weights" if chosen == torch.bfloat16 else
+           f"{weights} weights, no autocast" + (" (the same as the default)" if mine is model else ""))
     print(f"== {name}: ours = {how}" + (f"; probe ms {probe['ms']}" if probe else ""))
     default = lambda m: contextlib.nullcontext()
     ours = lambda m: engine.train_autocast(m, dtype_request)
     ratios = {}
-    for step, fn, tokens in steps(model, ref, tok, a):
-        fn(default)
-        fn(ours)                                                  # warm-up: allocator, kernels, autocast caches
+    pairs = zip(steps(model, ref, tok, a), steps(mine, mine_ref, tok, a) if ours_models else steps(model, ref, tok, a))
+    for (step, fn_default, tokens), (_, fn_ours, _) in pairs:
+        fns = {"default": (fn_default, default), "ours": (fn_ours, ours)}
+        for fn, ctx in fns.values():
+            fn(ctx)                                               # warm-up: allocator, kernels, autocast caches
         wall, cpu = {"default": [], "ours": []}, {"default": [], "ours": []}
         for _ in range(a.repeats):
-            for k, ctx in (("default", default), ("ours", ours)):
+            for k, (fn, ctx) in fns.items():
                 c0, t0 = time.process_time(), time.perf_counter()
                 fn(ctx)
                 wall[k].append(time.perf_counter() - t0)
@@ -146,9 +155,18 @@ def main():
                        f"float32 weights)", model, ref.eval(), tok, a, a.dtype)
     if a.smollm2:
         try:
-            spec = models.ModelSpec(lora_r=16)
-            model, tok = models.load_model(a.smollm2, spec, device="cpu", trainable=True)
-            ref, _ = models.load_model(a.smollm2, spec, device="cpu", trainable=False)
+            # the default: float32 weights; ours: as train.py loads it (dtype auto: bfloat16 base weights
+            # under float32 adapters on a CPU with native bfloat16)
+            f32 = models.ModelSpec(lora_r=16, dtype="float32")
+            model, tok = models.load_model(a.smollm2, f32, device="cpu", trainable=True)
+            ref, _ = models.load_model(a.smollm2, f32, device="cpu", trainable=False)
+            auto = models.ModelSpec(lora_r=16)
+            mine, _ = models.load_model(a.smollm2, auto, device="cpu", trainable=True)
+            ours = None
+            if next(mine.parameters()).dtype != torch.float32:
+                ours = (mine, models.load_model(a.smollm2, auto, device="cpu", trainable=False)[0].eval())
+            else:
+                del mine
         except Exception as e:          # noqa: BLE001 - e.g. no such preset in this tree, or no weights offline
             print(f"== {a.smollm2}: skipped, models.load_model cannot load it here "
                   f"({type(e).__name__}: {str(e).splitlines()[0][:200]})")
@@ -158,7 +176,8 @@ def main():
                                           "rl_rows": max(1, a.rl_rows // 4), "repeats": min(a.repeats, 3)})
             print(f"sft batch {small.sft_rows} x ({a.prompt} + {a.target}), policy-update batch {small.rl_rows} x "
                   f"({a.rl_prompt} + {a.rl_response}), {small.repeats} repeats")
-            measure(f"{os.path.basename(a.smollm2.rstrip('/'))} + LoRA r=16", model, ref.eval(), tok, small, a.dtype)
+            measure(f"{os.path.basename(a.smollm2.rstrip('/'))} + LoRA r=16", model, ref.eval(), tok, small, a.dtype,
+                    ours_models=ours)
     default, ours = (sum(t[i] for t in tiny.values()) for i in (0, 1))
     print(f"train_speedup_vs_torch_default: {default / ours:.2f}")
 
