@@ -1274,8 +1274,8 @@ def dream_gap(agent: LocalLM, exp_model: ExperienceModel, tasks: list[Task], max
               validity: str = "listed", seed: int = 0) -> dict:
     """The same agent (greedy) on the same tasks in the real environment and in the dream: how each
     ended, and the share of tasks whose dreamed outcome (success or not) equals the real one. A
-    one-step fidelity can be high while whole dreamed episodes drift (a greedy M_exp never reveals a
-    hidden object: every dreamed room is empty, and the agent is punished for the right moves)."""
+    one-step fidelity can be high while whole dreamed episodes drift (a greedy M_exp seldom reveals a
+    hidden object: nearly every dreamed room is empty, and the agent is punished for the right moves)."""
     params = agent_sampling(0.0)
     real = run_episodes(agent, make_real_env(tasks[0].env, len(tasks)), tasks, params, history)
     torch.manual_seed(seed)                  # a sampling M_exp draws from torch's global generator
