@@ -1270,16 +1270,21 @@ def episode_outcomes(eps: list[Episode]) -> dict:
                 steps=sum(len(e.turns) for e in eps) / n)
 
 
+def dream_episodes(agent: LocalLM, exp_model: ExperienceModel, tasks: list[Task], max_steps: int, history: int = 3,
+                   validity: str = "listed", seed: int = 0) -> list[Episode]:
+    """The agent (greedy) plays `tasks` in the dream, seeded: the same episodes on every call."""
+    torch.manual_seed(seed)                  # a sampling M_exp draws from torch's global generator
+    return run_episodes(agent, DreamEnv(exp_model, max_steps, validity=validity), tasks, agent_sampling(0.0), history)
+
+
 def dream_gap(agent: LocalLM, exp_model: ExperienceModel, tasks: list[Task], max_steps: int, history: int = 3,
               validity: str = "listed", seed: int = 0) -> dict:
     """The same agent (greedy) on the same tasks in the real environment and in the dream: how each
     ended, and the share of tasks whose dreamed outcome (success or not) equals the real one. A
     one-step fidelity can be high while whole dreamed episodes drift (a greedy M_exp seldom reveals a
     hidden object: nearly every dreamed room is empty, and the agent is punished for the right moves)."""
-    params = agent_sampling(0.0)
-    real = run_episodes(agent, make_real_env(tasks[0].env, len(tasks)), tasks, params, history)
-    torch.manual_seed(seed)                  # a sampling M_exp draws from torch's global generator
-    dream = run_episodes(agent, DreamEnv(exp_model, max_steps, validity=validity), tasks, params, history)
+    real = run_episodes(agent, make_real_env(tasks[0].env, len(tasks)), tasks, agent_sampling(0.0), history)
+    dream = dream_episodes(agent, exp_model, tasks, max_steps, history, validity, seed)
     return dict(real=episode_outcomes(real), dream=episode_outcomes(dream), n=len(tasks),
                 agreement=sum(a.success == b.success for a, b in zip(real, dream)) / max(1, len(tasks)))
 

@@ -848,9 +848,7 @@ def pinned_plan(dtype="auto", onednn="auto", attention="auto", kv="auto"):
         raise ValueError(f"DREAMGYM_CPU_PLAN={spec!r}: write <dtype>/<linears>/<attention>[/<cache dtype>], each "
                          f"auto or one of float32|bfloat16, torch|oneDNN, own|sdpa, float32|bfloat16 "
                          f"(e.g. bfloat16/torch/sdpa or bfloat16/oneDNN/own/float32)")
-    d, lin, att, c = [p.lower() for p in parts] + (["auto"] if len(parts) == 3 else [])
-    if len(parts) == 3 and d != "auto":
-        c = d                                   # three parts: the cache follows the compute dtype
+    d, lin, att, c = [p.lower() for p in parts + parts[:1] * (len(parts) == 3)]   # 3 parts: cache = dtype
     return (d if dtype == "auto" and d != "auto" else dtype,
             (lin == "onednn") if onednn == "auto" and lin != "auto" else onednn,
             att if attention == "auto" and att != "auto" else attention,

@@ -100,8 +100,8 @@ def measure(name, model, ref, tok, a, dtype_request, ours_models=None):
     default = lambda m: contextlib.nullcontext()
     ours = lambda m: engine.train_autocast(m, dtype_request)
     ratios = {}
-    pairs = zip(steps(model, ref, tok, a), steps(mine, mine_ref, tok, a) if ours_models else steps(model, ref, tok, a))
-    for (step, fn_default, tokens), (_, fn_ours, _) in pairs:
+    base = steps(model, ref, tok, a)
+    for (step, fn_default, tokens), (_, fn_ours, _) in zip(base, steps(mine, mine_ref, tok, a) if ours_models else base):
         fns = {"default": (fn_default, default), "ours": (fn_ours, ours)}
         for fn, ctx in fns.values():
             fn(ctx)                                               # warm-up: allocator, kernels, autocast caches
