@@ -13,17 +13,12 @@ import random
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import torch  # noqa: E402
-
 import dreamgym as dg  # noqa: E402
 import envs  # noqa: E402
 import eval as ev  # noqa: E402
 import train  # noqa: E402
+from envs.textworld import state_fields as fields  # noqa: E402
 from runtime import device_of  # noqa: E402
-
-
-def fields(state: str) -> dict:
-    return dict(line.partition(": ")[::2] for line in state.split("\n"))
 
 
 def coin_rooms(cfg) -> dict:
@@ -47,7 +42,7 @@ def count(episodes, truth: dict) -> collections.Counter:
             room = f.get("room")
             if not room or room == "-":
                 continue
-            coin = "take coin" in f.get("actions", "")
+            coin = "take coin" in (dg.parse_state_actions(s) or [])
             real = room == truth[e.task.seed]
             st["entries"] += 1
             st["real_room_entries"] += real
@@ -78,9 +73,8 @@ def main():
         known = [t for t in tasks if t.seed in truth]
         rng = random.Random(cfg.seed)
         pick = [rng.choice(known) for _ in range(a.tasks)]
-        torch.manual_seed(cfg.seed)              # a sampling M_exp draws from torch's global generator
-        eps = dg.run_episodes(agent, dg.DreamEnv(exp_model, envs.max_steps(cfg.env), validity=cfg.dream_validity),
-                              pick, dg.agent_sampling(0.0), cfg.history)
+        eps = dg.dream_episodes(agent, exp_model, pick, envs.max_steps(cfg.env), cfg.history, cfg.dream_validity,
+                                cfg.seed)
         st = count(eps, truth)
         print(f"M_exp T={temperature:g}: {st['episodes']} dreamed episodes, success {st['success']}; "
               f"{st['entries']} room entries, {st['real_room_entries']} of them the real coin room; coin shown "
